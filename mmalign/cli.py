@@ -1,0 +1,161 @@
+"""The ``mmalign`` command: Lightning's fit/validate/test/predict plus prepare, synth, export.
+
+``mmalign fit --config configs/asr/whisper-small_qwen2.5-0.5b.yaml`` is a LightningCLI run;
+the extra subcommands are plain functions whose docstrings are their ``--help``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from mmalign.data.datamodule import ShardDataModule
+from mmalign.lightning_modules.alignment import AlignmentModule
+
+
+class MMAlignCLI(LightningCLI):
+    """LightningCLI with mmalign's defaults: config saved beside the logs, overwritable."""
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
+    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    return MMAlignCLI(
+        AlignmentModule,
+        ShardDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def prepare(
+    source: str,
+    out_dir: str,
+    shard_max_mb: float = 256.0,
+    shard_max_count: int | None = None,
+    sample_rate: int = 16000,
+    prefix: str = "shard",
+) -> None:
+    """Write webdataset shards (16 kHz mono FLAC + JSON) and index.json.
+
+    Args:
+        source: a JSONL manifest (``audio``, ``text``, other fields kept) or a folder of audio
+            files with same-named .txt transcripts.
+        out_dir: output folder for ``{prefix}-NNNNNN.tar`` and ``index.json``.
+        shard_max_mb: size cap per shard.
+        shard_max_count: sample cap per shard.
+        sample_rate: target sample rate.
+        prefix: shard file name prefix.
+    """
+    from mmalign.data.shards import prepare as run_prepare
+
+    report = run_prepare(
+        source,
+        out_dir,
+        shard_max_bytes=int(shard_max_mb * 2**20),
+        shard_max_count=shard_max_count,
+        sample_rate=sample_rate,
+        prefix=prefix,
+    )
+    print(
+        f"wrote {report.written} samples ({report.total_seconds / 3600:.2f} h) in "
+        f"{len(report.shards)} shard(s) to {out_dir}; skipped {len(report.skipped)}"
+    )
+    if not report.ok:
+        raise SystemExit(f"nothing could be written from {source}")
+
+
+def synth(
+    out_dir: str,
+    kind: str = "digits",
+    n_train: int = 2000,
+    n_val: int = 64,
+    n_test: int = 200,
+    seed: int = 0,
+    jobs: int = 2,
+) -> None:
+    """Synthesise an offline English corpus with espeak-ng (digits, sentences or mixed).
+
+    Test utterances use voices held out of training; writes train/val/test JSONL manifests.
+
+    Args:
+        out_dir: output folder (wav files and manifests).
+        kind: ``digits``, ``sentences`` or ``mixed``.
+        n_train: training utterances.
+        n_val: validation utterances (training voices, unseen texts).
+        n_test: test utterances (held-out voices).
+        seed: random seed; the same seed gives the same corpus.
+        jobs: parallel synthesis processes.
+    """
+    from mmalign.data.synthetic.espeak import synthesize
+
+    manifests = synthesize(
+        out_dir, kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, jobs=jobs
+    )
+    for split, path in manifests.items():
+        print(f"{split}: {path}")
+
+
+def export(checkpoint: str, out_dir: str) -> None:
+    """Export a checkpoint: peft adapter, projector safetensors and mmalign.json.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``mmalign fit``.
+        out_dir: output directory; loads with ``mmalign.inference.export.load_exported``.
+    """
+    from mmalign.inference.export import export as run_export
+
+    out = run_export(checkpoint, out_dir)
+    print(f"exported {checkpoint} to {Path(out).resolve()}")
+
+
+def score(*files: str, normalizer: str = "english", examples: int = 0) -> None:
+    """Print WER/CER of ``utterances.jsonl`` files (``reference``/``hypothesis`` per line).
+
+    Args:
+        files: one or more utterances.jsonl files, e.g. from ``mmalign test``.
+        normalizer: ``english`` (Whisper's), ``basic`` (language-neutral) or ``none``.
+        examples: how many reference/hypothesis pairs to show from the last file.
+    """
+    import json
+
+    from mmalign.eval.metrics import error_rates
+
+    if not files:
+        raise SystemExit("mmalign score: give at least one utterances.jsonl")
+    print(f"{'file':<50} {'utts':>6} {'WER':>8} {'CER':>8}")
+    rows: list[dict] = []
+    for name in files:
+        try:
+            rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line]
+            refs = [r["reference"] for r in rows]
+            hyps = [r["hypothesis"] for r in rows]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise SystemExit(f"{name}: cannot read utterances ({e})") from e
+        r = error_rates(refs, hyps, normalizer)
+        print(f"{name:<50} {len(rows):>6} {r['wer']:>8.2%} {r['cer']:>8.2%}")
+    for row in rows[:examples]:
+        print(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
+
+
+EXTRA = {"prepare": prepare, "synth": synth, "export": export, "score": score}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``mmalign`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA:
+        from jsonargparse import CLI
+
+        CLI(EXTRA[argv[0]], args=argv[1:], prog=f"mmalign {argv[0]}")
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print("mmalign subcommands: fit validate test predict | " + " ".join(EXTRA))
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Lightning data module over prepared webdataset shards.
+
+Each split is a shard folder (with ``index.json``), an ``index.json``, a ``.tar`` or a glob or brace
+pattern. Batches follow the schema in :mod:`mmalign.data.collate`; batching (by duration) happens
+inside the pipeline, in the DataLoader workers, so the loaders use ``batch_size=None``.
+
+Training streams endlessly over the shards (reshuffled on every pass) and cuts an epoch after a
+fixed number of batches per worker, derived from the index's sample count (or ``epoch_size``)
+divided by the world size and an estimate of samples per batch. Cutting in batches rather than
+samples gives every rank the same number of steps, which DDP needs: duration batching would
+otherwise give ranks different step counts and hang the gradient all-reduce. Without a sample
+count (a glob with no ``index.json`` beside it and no ``epoch_size``) an epoch is one pass.
+Validation, test and predict make one deterministic pass, each sample exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from webdataset.utils import pytorch_worker_info
+
+from mmalign.data.batching import estimate_num_batches
+from mmalign.data.features import WhisperFeatures
+from mmalign.data.pipeline import (
+    ShardLoader,
+    ShardPipeline,
+    ShardSet,
+    build_pipeline,
+    make_loader,
+    resolve_shards,
+)
+
+SPLITS = ("train", "val", "test", "predict")
+_REQUIRED = {  # val is optional when fitting
+    "fit": ("train",),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train/val/test/predict loaders over webdataset shards made by ``mmalign prepare``.
+
+    Args:
+        train: Training shards (folder with index.json, index.json, .tar, glob or brace pattern).
+        val: Validation shards.
+        test: Test shards.
+        predict: Shards to transcribe with ``predict``.
+        max_batch_seconds: Cap on a batch's padded audio duration (longest clip x batch size).
+        max_batch_size: Optional cap on the number of clips per batch.
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        shuffle_buffer: Training samples held for shuffling (compressed audio, so it is cheap).
+        bucket_buffer: Samples sorted together for length bucketing.
+        sample_rate: Audio rate the encoders expect; other rates are resampled on the fly.
+        n_mels: Mel bins of the Whisper features (80, or 128 for large-v3).
+        seed: Seed of every shuffle; each epoch, rank and worker derives its own from it.
+        epoch_size: Training samples per epoch (all ranks together); default: the index's count.
+        keep_waveform: Also put padded waveforms in batches (``audio``), for waveform encoders.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        max_batch_seconds: float = 60.0,
+        max_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        bucket_buffer: int = 200,
+        sample_rate: int = 16000,
+        n_mels: int = 80,
+        seed: int = 0,
+        epoch_size: int | None = None,
+        keep_waveform: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.specs = {"train": train, "val": val, "test": test, "predict": predict}
+        self.max_batch_seconds = max_batch_seconds
+        self.max_batch_size = max_batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.bucket_buffer = bucket_buffer
+        self.sample_rate = sample_rate
+        self.n_mels = n_mels
+        self.seed = seed
+        self.epoch_size = epoch_size
+        self.keep_waveform = keep_waveform
+        self.features = WhisperFeatures(n_mels=n_mels, sample_rate=sample_rate)
+        # Resolve now so that a wrong path fails before any model is built.
+        self.shard_sets: dict[str, ShardSet] = {}
+        for split, spec in self.specs.items():
+            if spec is None:
+                continue
+            try:
+                self.shard_sets[split] = resolve_shards(spec)
+            except (OSError, ValueError) as exn:
+                raise FileNotFoundError(f"ShardDataModule {split}={spec!r}: {exn}") from exn
+        self._pipelines: dict[str, ShardPipeline] = {}
+        self._train_epoch = 0
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Check that the splits this stage needs were given."""
+        for split in _REQUIRED.get(stage or "", ()):
+            if split not in self.shard_sets:
+                raise ValueError(
+                    f"ShardDataModule: stage {stage!r} needs {split} shards; pass {split}="
+                )
+
+    def train_dataloader(self) -> ShardLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> ShardLoader | list[Any]:
+        return self._loader("val") if "val" in self.shard_sets else []
+
+    def test_dataloader(self) -> ShardLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> ShardLoader:
+        return self._loader("predict")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The next training epoch, so that a resumed run does not replay epoch 0's shuffle."""
+        pipe = self._pipelines.get("train")
+        return {"train_epoch": pipe.state.next if pipe is not None else self._train_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_epoch = int(state_dict.get("train_epoch", 0))
+        if "train" in self._pipelines:
+            self._pipelines["train"].set_epoch(self._train_epoch)
+
+    # ---------------------------------------------------------------- public helpers
+    def num_samples(self, split: str) -> int | None:
+        """Samples in ``split`` according to its index (None when no index covers it)."""
+        self._check_split(split)
+        return self.shard_sets[split].samples
+
+    def num_seconds(self, split: str) -> float | None:
+        """Seconds of audio in ``split`` according to its index."""
+        self._check_split(split)
+        return self.shard_sets[split].seconds
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Corrupt samples dropped so far, per split read (all epochs, all workers of this rank)."""
+        return {split: pipe.counter.total for split, pipe in self._pipelines.items()}
+
+    def train_batches_per_worker(self, world_size: int | None = None) -> int | None:
+        """Batches each worker yields per training epoch; None means one pass per epoch."""
+        shard_set = self.shard_sets.get("train")
+        if shard_set is None:
+            return None
+        total = self.epoch_size or shard_set.samples
+        if not total:
+            return None
+        world = world_size or self._world_size()
+        per_rank = math.ceil(total / world)
+        seconds = None
+        if shard_set.samples and shard_set.seconds is not None:
+            seconds = shard_set.seconds * per_rank / shard_set.samples
+        batches_per_rank = estimate_num_batches(
+            per_rank, seconds, self.max_batch_seconds, self.max_batch_size
+        )
+        return max(1, math.ceil(batches_per_rank / max(1, self.num_workers)))
+
+    def pipeline(self, split: str) -> ShardPipeline:
+        """The (cached) batch pipeline of ``split``."""
+        self._check_split(split)
+        if split not in self._pipelines:
+            train = split == "train"
+            pipe = build_pipeline(
+                self.shard_sets[split].urls,
+                features=self.features,
+                train=train,
+                max_batch_seconds=self.max_batch_seconds,
+                max_batch_size=self.max_batch_size,
+                shuffle_buffer=self.shuffle_buffer,
+                bucket_buffer=self.bucket_buffer,
+                seed=self.seed,
+                keep_waveform=self.keep_waveform,
+                batches_per_worker=self.train_batches_per_worker() if train else None,
+            )
+            if train:
+                pipe.set_epoch(self._train_epoch)
+            self._pipelines[split] = pipe
+        return self._pipelines[split]
+
+    # ---------------------------------------------------------------- internals
+    def _loader(self, split: str) -> ShardLoader:
+        return make_loader(self.pipeline(split), self.num_workers)
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self.shard_sets:
+            raise ValueError(f"ShardDataModule: no {split} shards were given")
+
+    def _world_size(self) -> int:
+        if self.trainer is not None:
+            return max(1, int(self.trainer.world_size))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return max(1, pytorch_worker_info()[1])

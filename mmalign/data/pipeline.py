@@ -1,0 +1,432 @@
+"""Read prepared shards as a stream of ready batches: split, shuffle, decode, bucket, collate.
+
+Stages of :func:`build_pipeline` (all run inside DataLoader workers)::
+
+    shards ── shuffle (train; same seed on all ranks/workers) ── split_by_node ── split_by_worker
+      ── tar members → samples ── [sample-level split, see below] ── shuffle buffer (train)
+      ── decode (FLAC → float32 mono at the target rate, JSON) ── DurationBatcher ── collate
+
+*Seeds.* Shard order uses ``seed`` and the epoch only, so every rank and worker permutes the shard
+list identically before taking its slice. The sample buffer and batch order also mix in rank and
+worker. The epoch is counted in the main process by :class:`ShardLoader` (each ``iter()`` is one
+epoch) and reaches workers because they receive a fresh copy of the pipeline every epoch; each
+stage also counts its own passes, so repeated passes inside one epoch and persistent workers
+still differ.
+
+*Few shards.* With fewer shards than ``world_size x num_workers`` slots, splitting shards would
+leave some workers (or ranks) idle, so every slot reads all shards and keeps every k-th sample.
+
+*Corrupt data never stops an epoch.* Undecodable audio, bad JSON and missing fields are skipped;
+each skip logs a warning naming the shard URL and key and is counted by the pipeline's
+:class:`SkipCounter`. DataLoader workers are other processes, so the counter keeps its total in
+shared memory (a ``multiprocessing.RawArray`` with one slot per worker, created in the main
+process and inherited by the workers): the data module reads an exact total at any time
+(``ShardDataModule.skipped``), including drops after a worker's last batch or in a worker that
+yields no batch at all. For per-step logging each batch
+also carries ``skipped``, the drops its worker saw since that worker's previous batch (deltas, so
+a consumer simply sums them, e.g. ``self.log(..., reduce_fx="sum")``).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import multiprocessing
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
+from webdataset.utils import pytorch_worker_info
+
+from mmalign.data.batching import DurationBatcher
+from mmalign.data.collate import DEFAULT_TASK, Collator
+from mmalign.data.features import WhisperFeatures
+from mmalign.data.shards import INDEX_NAME, read_index, to_mono_rate
+
+log = logging.getLogger(__name__)
+
+AUDIO_KEYS = ("flac", "wav", "ogg", "mp3", "opus")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used (bad audio, JSON or fields)."""
+
+
+class SkipCounter:
+    """Counts and logs samples dropped by a pipeline, across DataLoader worker processes.
+
+    ``total`` sums a shared-memory array that every copy made when workers start (fork or spawn)
+    writes into, one slot per worker (slot 0: the main process), so no lock is needed.
+    ``by_reason`` is this process's own breakdown; :meth:`take` hands out the drops not yet put
+    into a batch. A copy pickled outside process start (``copy.deepcopy``) counts on its own.
+    """
+
+    SLOTS = 1024
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+        self._unreported = 0
+        self._local_total = 0
+        self._shared: Any = multiprocessing.RawArray("q", self.SLOTS)
+
+    @property
+    def total(self) -> int:
+        """Drops counted by all processes sharing this counter."""
+        if self._shared is None:
+            return self._local_total
+        return int(sum(self._shared))
+
+    def _count(self, reason: str) -> None:
+        self.by_reason[reason] += 1
+        self._unreported += 1
+        self._local_total += 1
+        if self._shared is not None:
+            info = torch.utils.data.get_worker_info()
+            slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+            self._shared[slot] += 1
+
+    def skip(self, reason: str, *, url: str | None = None, key: str | None = None) -> None:
+        """Record one dropped sample and log where it came from."""
+        log.warning("skipping sample %r in shard %s: %s", key, url, reason)
+        self._count(reason.split(":")[0])
+
+    def handler(self, exn: BaseException) -> bool:
+        """webdataset ``handler=`` for tar-level errors: log, count, keep going. (webdataset's own
+        ``warn_and_continue`` sleeps half a second per error.)"""
+        log.warning("skipping unreadable shard data: %r", exn)
+        self._count("unreadable shard data")
+        return True
+
+    def take(self) -> int:
+        """Drops since the previous call; resets that count."""
+        n, self._unreported = self._unreported, 0
+        return n
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # shared memory only travels to new processes
+            state["_shared"] = None
+            state["_local_total"] = self.total
+        return state
+
+
+@dataclass
+class ShardSet:
+    """Resolved shard URLs of one split, with sample counts when an index provides them."""
+
+    spec: str
+    urls: list[str]
+    samples: int | None = None
+    seconds: float | None = None
+
+
+def _is_remote(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def _from_index(index_path: Path) -> ShardSet:
+    index = read_index(index_path)
+    shards = index["shards"]
+    if not shards:
+        raise FileNotFoundError(f"{index_path} lists no shards (did prepare write anything?)")
+    urls = [str(index_path.parent / s["path"]) for s in shards]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index_path}: shards missing on disk: {missing[:3]}")
+    return ShardSet(
+        str(index_path),
+        urls,
+        samples=sum(int(s["samples"]) for s in shards),
+        seconds=sum(float(s["seconds"]) for s in shards),
+    )
+
+
+def _counts_from_sibling_index(urls: list[str]) -> tuple[int | None, float | None]:
+    """Sample counts for shards listed by an ``index.json`` in their folder, if all are."""
+    tables: dict[Path, dict[str, tuple[int, float]]] = {}
+    samples, seconds = 0, 0.0
+    for url in urls:
+        path = Path(url)
+        if path.parent not in tables:
+            try:
+                index = read_index(path.parent / INDEX_NAME)
+                tables[path.parent] = {
+                    s["path"]: (int(s["samples"]), float(s["seconds"])) for s in index["shards"]
+                }
+            except (OSError, ValueError, KeyError):
+                return None, None
+        entry = tables[path.parent].get(path.name)
+        if entry is None:
+            return None, None
+        samples += entry[0]
+        seconds += entry[1]
+    return samples, seconds
+
+
+def resolve_shards(spec: str | Path) -> ShardSet:
+    """Shard URLs for a folder with ``index.json``, an ``index.json``, a ``.tar``, or a glob or
+    brace pattern (``data/shard-{000000..000009}.tar``). Remote URLs (``s3://``, ``pipe:``) pass
+    through unchecked. Raises ``FileNotFoundError`` naming ``spec`` when it yields no shards."""
+    text = str(spec)
+    if _is_remote(text):
+        return ShardSet(text, expand_urls(text))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            return _from_index(path / INDEX_NAME)
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+    elif path.is_file() and path.suffix == ".json":
+        return _from_index(path)
+    elif path.is_file():
+        urls = [str(path)]
+    else:
+        patterns = expand_urls(str(path))
+        if any(ch in text for ch in "*?["):
+            urls = sorted({u for p in patterns for u in glob.glob(p)})
+        elif len(patterns) > 1:
+            missing = [u for u in patterns if not Path(u).is_file()]
+            if missing:
+                raise FileNotFoundError(f"shards {text}: {len(missing)} missing, e.g. {missing[0]}")
+            urls = patterns
+        else:
+            raise FileNotFoundError(
+                f"no shards at {text}: not a folder, index.json, .tar file, glob or brace pattern"
+            )
+    if not urls:
+        raise FileNotFoundError(f"no shards found at {text}")
+    samples, seconds = _counts_from_sibling_index(urls)
+    return ShardSet(text, urls, samples, seconds)
+
+
+def decode_sample(raw: dict[str, Any], sample_rate: int = 16000) -> dict[str, Any]:
+    """Raw tar sample (bytes per extension) to a decoded sample; raises :class:`SampleError`."""
+    if raw.get("json") is None:
+        raise SampleError("missing json")
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise SampleError(f"bad json: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise SampleError("bad json: not an object")
+    text = meta.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise SampleError("missing text")
+    audio_key = next((k for k in AUDIO_KEYS if raw.get(k) is not None), None)
+    if audio_key is None:
+        raise SampleError("missing audio")
+    try:
+        data, rate = sf.read(io.BytesIO(raw[audio_key]), dtype="float32", always_2d=True)
+    except Exception as exn:  # libsndfile reports many kinds of damage
+        raise SampleError(f"undecodable audio: {exn}") from exn
+    wave = to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
+    if wave.numel() == 0:
+        raise SampleError("empty audio")
+    return {
+        "__key__": raw.get("__key__"),
+        "__url__": raw.get("__url__"),
+        "audio": wave,
+        "text": text,
+        "task": str(meta.get("task") or DEFAULT_TASK),
+        "duration": wave.numel() / sample_rate,
+        "meta": meta,
+    }
+
+
+class EpochState:
+    """Epoch number shared by the stages of one pipeline copy; advanced by :class:`ShardLoader`."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.next = 0
+
+
+def _slots(n_urls: int) -> tuple[bool, int, int]:
+    """(split shards?, this slot, number of slots) for the calling rank and worker."""
+    rank, world, worker, workers = pytorch_worker_info()
+    slots = max(1, world) * max(1, workers)
+    return n_urls >= slots, rank * max(1, workers) + worker, slots
+
+
+class _SeedParts:
+    """Epoch, rank and worker, mixed into per-worker seeds (a class so that it pickles)."""
+
+    def __init__(self, state: EpochState) -> None:
+        self.state = state
+
+    def __call__(self) -> tuple[int, ...]:
+        rank, _, worker, _ = pytorch_worker_info()
+        return (self.state.current, rank, worker)
+
+
+class _ShardSource(wds.PipelineStage):
+    """Shard URLs for this rank and worker, seeded-shuffled identically on all of them."""
+
+    def __init__(self, urls: list[str], shuffle: bool, seed: int, state: EpochState) -> None:
+        self.urls, self.shuffle, self.seed, self.state = list(urls), shuffle, seed, state
+        self.runs = 0
+
+    def run(self) -> Iterator[dict[str, str]]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"shards-{self.seed}-{self.state.current}-{self.runs}").shuffle(urls)
+        self.runs += 1
+        split_shards, _, _ = _slots(len(urls))
+        if split_shards:
+            urls = list(wds.split_by_worker(wds.split_by_node(urls)))
+        for url in urls:
+            yield {"url": url}
+
+
+class _SampleSplit(wds.PipelineStage):
+    """Every k-th sample per slot when there are too few shards to split (see module doc)."""
+
+    def __init__(self, n_urls: int) -> None:
+        self.n_urls = n_urls
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        split_shards, slot, slots = _slots(self.n_urls)
+        if split_shards or slots == 1:
+            yield from src
+            return
+        for i, sample in enumerate(src):
+            if i % slots == slot:
+                yield sample
+
+
+class _SeededShuffle(wds.PipelineStage):
+    """webdataset's shuffle buffer with a reproducible per-epoch, per-worker seed."""
+
+    def __init__(self, bufsize: int, seed: int, seed_parts: _SeedParts) -> None:
+        self.bufsize, self.seed, self.seed_parts = bufsize, seed, seed_parts
+        self.runs = 0
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"samples-{self.seed}-{self.runs}-{self.seed_parts()}")
+        self.runs += 1
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(iter(src))
+
+
+class _Decode(wds.PipelineStage):
+    """Decode samples, dropping (and counting) the ones that fail."""
+
+    def __init__(self, sample_rate: int, counter: SkipCounter) -> None:
+        self.sample_rate, self.counter = sample_rate, counter
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for raw in src:
+            try:
+                sample = decode_sample(raw, self.sample_rate)
+            except Exception as exn:
+                self.counter.skip(str(exn), url=raw.get("__url__"), key=raw.get("__key__"))
+                continue
+            yield sample
+
+
+class _Collate(wds.PipelineStage):
+    """Collate each sample list and attach the worker's skip count since its previous batch."""
+
+    def __init__(self, collator: Collator, counter: SkipCounter) -> None:
+        self.collator, self.counter = collator, counter
+
+    def run(self, src: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        for samples in src:
+            try:
+                batch = self.collator(samples)
+            except Exception as exn:
+                for s in samples:
+                    self.counter.skip(f"collate failed: {exn}", url=s["__url__"], key=s["__key__"])
+                continue
+            batch["skipped"] = self.counter.take()
+            yield batch
+
+
+class ShardPipeline(wds.DataPipeline):
+    """A ``wds.DataPipeline`` of batches that also carries its epoch state and skip counter."""
+
+    def __init__(self, *stages: Any, counter: SkipCounter, state: EpochState) -> None:
+        super().__init__(*stages)
+        self.counter = counter
+        self.state = state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` through a :class:`ShardLoader` run epoch ``epoch``."""
+        self.state.next = epoch
+
+
+def build_pipeline(
+    urls: list[str],
+    *,
+    features: WhisperFeatures,
+    train: bool,
+    max_batch_seconds: float = 60.0,
+    max_batch_size: int | None = None,
+    shuffle_buffer: int = 1000,
+    bucket_buffer: int = 200,
+    seed: int = 0,
+    keep_waveform: bool = False,
+    batches_per_worker: int | None = None,
+) -> ShardPipeline:
+    """The batch stream over ``urls``. ``train`` shuffles shards, samples and batch order;
+    otherwise one deterministic pass. ``batches_per_worker`` makes the stream endless (shards are
+    re-read, reshuffled) and cuts each epoch after that many batches per worker."""
+    if not urls:
+        raise ValueError("build_pipeline needs at least one shard URL")
+    counter, state = SkipCounter(), EpochState()
+    parts = _SeedParts(state)
+    stages: list[Any] = [
+        _ShardSource(urls, shuffle=train, seed=seed, state=state),
+        wds.tarfile_to_samples(handler=counter.handler),
+        _SampleSplit(len(urls)),
+    ]
+    if train and shuffle_buffer > 1:
+        stages.append(_SeededShuffle(shuffle_buffer, seed, parts))
+    stages += [
+        _Decode(features.sample_rate, counter),
+        DurationBatcher(
+            max_batch_seconds,
+            max_batch_size,
+            buffer_size=bucket_buffer,
+            shuffle=train,
+            seed=seed,
+            seed_parts=parts,
+        ),
+        _Collate(Collator(features, keep_waveform), counter),
+    ]
+    pipeline = ShardPipeline(*stages, counter=counter, state=state)
+    if batches_per_worker is not None:
+        pipeline = pipeline.with_epoch(nbatches=max(1, int(batches_per_worker)))
+    return pipeline
+
+
+class ShardLoader(DataLoader):
+    """DataLoader for a :class:`ShardPipeline` (use ``batch_size=None``) that starts a new epoch
+    of the pipeline on every ``iter()``, before workers take their copies."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        dataset = self.dataset
+        if not isinstance(dataset, ShardPipeline):
+            return super().__iter__()
+        dataset.state.current = dataset.state.next
+        dataset.state.next += 1
+        return super().__iter__()
+
+
+def make_loader(pipeline: ShardPipeline, num_workers: int = 0) -> ShardLoader:
+    """A :class:`ShardLoader` over ``pipeline``: batching happens in the pipeline."""
+    return ShardLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )

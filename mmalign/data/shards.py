@@ -1,0 +1,342 @@
+"""Turn a raw speech corpus into webdataset tar shards plus an ``index.json``.
+
+Training reads shards sequentially (fast on any file system, splittable across nodes and
+workers), so ``mmalign prepare`` converts a corpus once: every sample becomes a 16 kHz mono FLAC
+plus a JSON record. The source is either
+
+* a JSONL manifest, one object per line: ``audio`` (a path; relative paths resolve against the
+  manifest's folder), ``text``, optional ``key``/``id``, and any other fields, which are kept as-is
+  in the sample's JSON (``task``, ``speaker``, ``translation`` ...); or
+* a folder searched recursively for audio files, each with a same-named ``.txt`` transcript.
+
+Shard layout (one tar member per field, grouped by ``__key__``)::
+
+    <key>.flac   16-bit FLAC, mono, ``sample_rate`` Hz
+    <key>.json   {"text", "duration" (s), "sample_rate", "source" (original path), ...kept fields}
+
+Bad items (unreadable or missing audio, empty or missing text, invalid JSON lines) never stop a
+run: each is logged as a warning with its file and line, listed in ``index.json`` and counted in
+the :class:`PrepareReport`. ``index.json`` also lists every shard with its sample count and
+duration; the data module reads it to size epochs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+import webdataset as wds
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "mmalign-shards/1"
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif", ".au")
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """One corpus item left out of the shards, with where it came from and why."""
+
+    source: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One written shard: path relative to the output folder, sample count, seconds of audio."""
+
+    path: str
+    samples: int
+    seconds: float
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare` wrote and what it skipped. ``ok`` is false when nothing was written."""
+
+    written: int = 0
+    skipped: list[SkippedItem] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)
+    total_seconds: float = 0.0
+    out_dir: Path | None = None
+    index_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when at least one sample was written (the CLI exits non-zero otherwise)."""
+        return self.written > 0
+
+    def summary(self) -> str:
+        """One line for a terminal."""
+        return (
+            f"wrote {self.written} samples ({self.total_seconds / 3600:.2f} h) in "
+            f"{len(self.shards)} shards to {self.out_dir}; skipped {len(self.skipped)}"
+        )
+
+
+@dataclass
+class _Item:
+    """A corpus entry before its audio is read."""
+
+    audio: Path | None
+    text: Any
+    key: str
+    extra: dict[str, Any]
+    source: str
+    line: int | None
+
+
+class _SkipItem(Exception):
+    """Raised while reading an item that must be left out."""
+
+
+def sanitize_key(key: str) -> str:
+    """Make ``key`` safe as a webdataset key: webdataset splits member names at the first dot, so
+    dots, slashes and anything unusual become ``_``."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", key).strip("_")
+    return clean or "sample"
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> torch.Tensor:
+    """Read any soundfile-readable file as a float32 mono waveform at ``sample_rate``."""
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
+
+
+def to_mono_rate(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
+    """Down-mix ``[channels, samples]`` (or 1-D) audio to mono; resample it to ``sample_rate``."""
+    if wave.dim() == 2:
+        wave = wave.mean(dim=0)
+    wave = wave.to(torch.float32)
+    if rate != sample_rate:
+        wave = AF.resample(wave, orig_freq=int(rate), new_freq=int(sample_rate))
+    return wave.contiguous()
+
+
+def encode_flac(wave: torch.Tensor, sample_rate: int) -> bytes:
+    """16-bit FLAC bytes of a mono waveform (values beyond ±1, e.g. resampling overshoot, clip)."""
+    buf = io.BytesIO()
+    data = np.clip(wave.numpy(), -1.0, 1.0)
+    sf.write(buf, data, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _manifest_items(manifest: Path, skipped: list[SkippedItem]) -> list[_Item]:
+    items: list[_Item] = []
+    base = manifest.parent
+    with open(manifest, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exn:
+                _skip(skipped, str(manifest), lineno, f"invalid JSON: {exn.msg}")
+                continue
+            if not isinstance(obj, dict):
+                _skip(skipped, str(manifest), lineno, "line is not a JSON object")
+                continue
+            audio = obj.pop("audio", None)
+            if not isinstance(audio, str) or not audio:
+                _skip(skipped, str(manifest), lineno, "missing 'audio' path")
+                continue
+            path = Path(audio).expanduser()
+            if not path.is_absolute():
+                path = base / path
+            text = obj.pop("text", None)
+            key = obj.get("key", obj.get("id"))
+            key = str(key) if key is not None else Path(audio).with_suffix("").as_posix()
+            items.append(_Item(path, text, key, obj, str(manifest), lineno))
+    return items
+
+
+def _folder_items(folder: Path, skipped: list[SkippedItem]) -> list[_Item]:
+    items: list[_Item] = []
+    audio_files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+    )
+    for path in audio_files:
+        transcript = path.with_suffix(".txt")
+        if not transcript.is_file():
+            _skip(skipped, str(path), None, f"no transcript {transcript.name}")
+            continue
+        try:
+            text = transcript.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exn:
+            _skip(skipped, str(transcript), None, f"unreadable transcript: {exn}")
+            continue
+        key = path.relative_to(folder).with_suffix("").as_posix()
+        items.append(_Item(path, text, key, {}, str(path), None))
+    return items
+
+
+def _skip(skipped: list[SkippedItem], source: str, line: int | None, reason: str) -> None:
+    item = SkippedItem(source, line, reason)
+    log.warning("skipping %s", item)
+    skipped.append(item)
+
+
+def _read_item(item: _Item, sample_rate: int) -> tuple[torch.Tensor, str]:
+    if not isinstance(item.text, str) or not item.text.strip():
+        raise _SkipItem("empty or missing text")
+    if item.audio is None or not item.audio.is_file():
+        raise _SkipItem(f"audio file not found: {item.audio}")
+    try:
+        wave = load_audio(item.audio, sample_rate)
+    except Exception as exn:  # soundfile raises several types for bad files
+        raise _SkipItem(f"unreadable audio {item.audio}: {exn}") from exn
+    if wave.numel() == 0:
+        raise _SkipItem(f"empty audio {item.audio}")
+    if not torch.isfinite(wave).all():
+        raise _SkipItem(f"non-finite samples in {item.audio}")
+    return wave, " ".join(item.text.split())
+
+
+def _unique_keys(items: list[_Item]) -> Iterator[tuple[_Item, str]]:
+    seen: set[str] = set()
+    for item in items:
+        base = sanitize_key(item.key)
+        key, n = base, 1
+        while key in seen:
+            key = f"{base}_{n}"
+            n += 1
+        seen.add(key)
+        yield item, key
+
+
+def prepare(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_max_bytes: int = 256 * 2**20,
+    shard_max_count: int | None = None,
+    sample_rate: int = 16000,
+    prefix: str = "shard",
+    progress: bool = True,
+) -> PrepareReport:
+    """Write ``source`` (JSONL manifest or audio+``.txt`` folder) as webdataset shards.
+
+    Shards are named ``{prefix}-000000.tar`` ... in ``out_dir`` and hold at most
+    ``shard_max_bytes`` bytes (the shard is closed once it reaches the cap, so one sample may go
+    over it) and at most ``shard_max_count`` samples. Older shards with the same prefix in
+    ``out_dir`` are removed first so that globs never mix two runs. Returns a report; its ``ok``
+    is false when nothing could be written.
+    """
+    source = Path(source).expanduser()
+    out = Path(out_dir).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"prepare: source {source} does not exist")
+    if prefix != sanitize_key(prefix):
+        raise ValueError(f"prepare: prefix {prefix!r} must be letters, digits, '-' or '_'")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{prefix}-*.tar"):
+        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", old.name):
+            log.warning("removing old shard %s", old)
+            old.unlink()
+
+    report = PrepareReport(out_dir=out, index_path=out / INDEX_NAME)
+    items = (
+        _folder_items(source, report.skipped)
+        if source.is_dir()
+        else _manifest_items(source, report.skipped)
+    )
+    pattern = str(out / f"{prefix}-%06d.tar").replace("%", "%%").replace("%%06d", "%06d")
+    writer: wds.ShardWriter | None = None
+    per_shard: dict[str, list[float]] = {}
+    try:
+        for item, key in tqdm(
+            _unique_keys(items), total=len(items), disable=not progress, desc="prepare"
+        ):
+            try:
+                wave, text = _read_item(item, sample_rate)
+            except _SkipItem as why:
+                _skip(report.skipped, item.source, item.line, str(why))
+                continue
+            duration = wave.numel() / sample_rate
+            meta = {
+                **item.extra,
+                "text": text,
+                "duration": round(duration, 6),
+                "sample_rate": sample_rate,
+                "source": str(item.audio),
+            }
+            if writer is None:  # opened lazily: an all-bad corpus leaves no empty tar behind
+                writer = wds.ShardWriter(
+                    pattern,
+                    maxcount=shard_max_count or 10**12,
+                    maxsize=shard_max_bytes,
+                    verbose=0,
+                )
+            writer.write(
+                {
+                    "__key__": key,
+                    "flac": encode_flac(wave, sample_rate),
+                    "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                }
+            )
+            per_shard.setdefault(str(writer.fname), []).append(duration)
+    finally:
+        if writer is not None:
+            writer.close()
+
+    for fname, durations in per_shard.items():
+        report.shards.append(
+            ShardInfo(Path(fname).name, len(durations), round(float(sum(durations)), 6))
+        )
+    report.written = sum(s.samples for s in report.shards)
+    report.total_seconds = round(sum(s.seconds for s in report.shards), 6)
+    _write_index(report, source, sample_rate, prefix)
+    if report.ok:
+        log.info(report.summary())
+    else:
+        log.error(
+            "prepare: nothing written from %s (%d items skipped)", source, len(report.skipped)
+        )
+    return report
+
+
+def _write_index(report: PrepareReport, source: Path, sample_rate: int, prefix: str) -> None:
+    assert report.index_path is not None
+    index = {
+        "format": INDEX_FORMAT,
+        "source": str(source),
+        "sample_rate": sample_rate,
+        "prefix": prefix,
+        "shards": [asdict(s) for s in report.shards],
+        "total_samples": report.written,
+        "total_seconds": report.total_seconds,
+        "skipped": [asdict(s) for s in report.skipped],
+    }
+    tmp = report.index_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, report.index_path)
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """Load an ``index.json`` (or the one inside a shard folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    with open(path, encoding="utf-8") as fh:
+        index = json.load(fh)
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path} is not a shard index (no 'shards' list)")
+    return index

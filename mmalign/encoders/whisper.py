@@ -1,0 +1,161 @@
+"""Whisper encoder family: hub ids, local transformers directories, CTranslate2 directories, pins.
+
+Whisper is trained on 30 s windows, and transformers' encoder refuses anything else. Utterances in
+ASR corpora are mostly a few seconds long, so by default this encoder runs on a window as long as
+the batch's longest input (positions sliced to fit); ``pad_to_30s=True`` gives the original
+behaviour, each utterance padded to 30 s with silence, for when faithfulness matters more than time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from transformers import WhisperConfig, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+
+from mmalign import assets
+from mmalign.encoders.base import Encoder
+from mmalign.encoders.ctranslate2 import is_ct2_whisper_dir, load_ct2_whisper
+
+__all__ = ["WhisperEncoder", "load_hf_whisper_encoder", "whisper_silence"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Log-mel of an all-zero waveform after Whisper's normalisation: (log10(1e-10) + 4) / 4.
+_EMPTY_SILENCE = -1.5
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_hf_whisper_encoder(
+    source: str, dtype: torch.dtype = torch.float32, config: dict[str, Any] | None = None
+) -> HFWhisperEncoder:
+    """transformers' WhisperEncoder from ``source`` (see ``WhisperEncoder``), cast to ``dtype``.
+
+    ``config`` is the whole WhisperConfig for ``source="random"``, else overrides of the loaded one.
+    """
+    if source == "random":
+        if config is None:
+            raise ValueError("source='random' needs config=<WhisperConfig kwargs>")
+        return HFWhisperEncoder(WhisperConfig(**config)).to(dtype)
+    if assets.is_pinned(source):
+        return load_ct2_whisper(assets.resolve(source).parent, dtype, True, config)
+    if is_ct2_whisper_dir(source):
+        return load_ct2_whisper(source, dtype, True, config)
+    overrides = dict(config or {})
+    cfg = WhisperConfig.from_pretrained(source, **overrides)
+    if "WhisperEncoder" in (cfg.architectures or []):  # saved from an encoder alone
+        return HFWhisperEncoder.from_pretrained(source, config=cfg, dtype=dtype)
+    return WhisperModel.from_pretrained(source, config=cfg, dtype=dtype).get_encoder()
+
+
+def whisper_silence(inputs: Tensor, lengths: Tensor) -> Tensor:
+    """Per-sample log-mel value of silence [B], as Whisper's feature extractor would produce it.
+
+    Whisper pads the waveform with zeros, takes log10 of the mel power, clamps it to
+    (max - 8) and maps x -> (x + 4) / 4, so padded frames hold exactly (max valid value - 2).
+    """
+    valid = torch.arange(inputs.shape[-1], device=inputs.device) < lengths[:, None]  # [B, T]
+    masked = inputs.masked_fill(~valid[:, None, :], float("-inf"))
+    peak = masked.amax(dim=(1, 2))
+    return torch.where(lengths > 0, peak - 2.0, torch.full_like(peak, _EMPTY_SILENCE))
+
+
+class WhisperEncoder(Encoder):
+    """Whisper's encoder on log-mel frames: [B, n_mels, T] at 100/s in, [B, ceil(T/2), d_model] out.
+
+    ``source`` is a hub id or local transformers directory, a CTranslate2 (faster-whisper)
+    directory, ``"pinned:whisper-tiny.en"`` (real weights from a pinned pip package, hash checked),
+    or ``"random"`` with ``config`` (WhisperConfig kwargs) for tests. Frames at or past each
+    sample's length are replaced by Whisper's silence value, so the output does not depend on how
+    the collate padded. ``dtype`` is the encoder's compute dtype; outputs come back in the input's.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        pad_to_30s: bool = False,
+        freeze: bool = True,
+        dtype: str = "float32",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = str(source) if isinstance(source, Path) else source
+        self.pad_to_30s = pad_to_30s
+        self._init_args = {
+            "source": self.source,
+            "pad_to_30s": pad_to_30s,
+            "freeze": freeze,
+            "dtype": dtype,
+            "config": config,
+        }
+        self.model = load_hf_whisper_encoder(self.source, _torch_dtype(dtype), config)
+        cfg = self.model.config
+        self.dim: int = cfg.d_model
+        self.n_mels: int = cfg.num_mel_bins
+        self.frame_rate: float = 50.0  # 10 ms mel hop, halved by conv2's stride
+        self.max_frames: int = cfg.max_source_positions * 2  # 3000 for every released Whisper
+        if freeze:
+            self.lock()
+
+    def forward(self, inputs: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """inputs [B, n_mels, T] log-mel, lengths [B] valid frames -> ([B, ceil(T/2), D], [B])."""
+        if inputs.dim() != 3 or inputs.shape[1] != self.n_mels:
+            raise ValueError(
+                f"WhisperEncoder expects log-mel inputs [B, {self.n_mels}, T], "
+                f"got {tuple(inputs.shape)}"
+            )
+        frames = inputs.shape[-1]
+        if frames > self.max_frames:
+            raise ValueError(
+                f"input has {frames} frames; Whisper encodes at most {self.max_frames}"
+            )
+        lengths = lengths.to(device=inputs.device, dtype=torch.long)
+        if bool((lengths > frames).any()):
+            raise ValueError(f"lengths {lengths.tolist()} exceed the input's {frames} frames")
+        out_lengths = (lengths + 1) // 2
+        window = self.max_frames if self.pad_to_30s else frames
+        with self.no_grad_if_frozen():
+            x = self._pad_with_silence(inputs, lengths, window).to(self.model.dtype)
+            if self.pad_to_30s:
+                hidden = self.model(input_features=x).last_hidden_state[:, : (frames + 1) // 2]
+            else:
+                hidden = self._encode_window(x)
+        out_dtype = inputs.dtype if inputs.is_floating_point() else hidden.dtype
+        return hidden.to(out_dtype), out_lengths
+
+    @staticmethod
+    def _pad_with_silence(inputs: Tensor, lengths: Tensor, frames: int) -> Tensor:
+        silence = whisper_silence(inputs, lengths)
+        x = F.pad(inputs, (0, frames - inputs.shape[-1]))
+        valid = torch.arange(frames, device=x.device) < lengths[:, None]
+        return torch.where(valid[:, None, :], x, silence[:, None, None].to(x.dtype))
+
+    def _encode_window(self, x: Tensor) -> Tensor:
+        enc = self.model
+        # transformers' WhisperEncoder.forward step by step, but adding only the first positions
+        # instead of editing config.max_source_positions/embed_positions: no state changes, so
+        # batches of any length (and threads, torch.compile) are safe.
+        hidden = F.gelu(enc.conv1(x))
+        hidden = F.gelu(enc.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + enc.embed_positions.weight[: hidden.shape[1]]
+        hidden = F.dropout(hidden, p=enc.dropout, training=enc.training)
+        for layer in enc.layers:
+            if enc.training and enc.layerdrop > 0 and torch.rand([]) < enc.layerdrop:
+                continue
+            hidden = layer(hidden, None)
+        return enc.layer_norm(hidden)
+
+    def init_config(self) -> dict[str, Any]:
+        """Constructor arguments, so a checkpoint or export can rebuild this encoder."""
+        return dict(self._init_args)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, pad_to_30s={self.pad_to_30s}, frozen={self.frozen}"

@@ -1,0 +1,99 @@
+"""Export a training checkpoint to a directory that loads without Lightning, and load it back.
+
+Layout: ``adapter/`` (peft's own format), ``projector.safetensors``, ``mmalign.json``
+(encoder, projector and LLM specs plus prompts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_config
+from safetensors.torch import load_file, save_file
+
+from mmalign.components import build, spec
+from mmalign.llm.load import CausalLM
+from mmalign.model import SpeechLLM
+
+CONFIG_NAME = "mmalign.json"
+CKPT_KEY = "mmalign"
+
+
+def describe(model: SpeechLLM) -> dict[str, Any]:
+    """Everything needed to rebuild ``model`` (weights aside), as plain JSON types."""
+    adapter = model.llm.adapter
+    return _jsonable(
+        {
+            "encoder": spec(model.encoder),
+            "projector": spec(model.projector),
+            "llm": spec(model.llm),
+            "adapter": adapter.to_dict() if adapter is not None else None,
+            "prompts": model.prompt.prompts,
+            "system_prompt": model.prompt.system_prompt,
+        }
+    )
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def build_from_description(desc: dict[str, Any], with_adapter: bool = True) -> SpeechLLM:
+    encoder = build(desc["encoder"])
+    adapter = get_peft_config(desc["adapter"]) if with_adapter and desc.get("adapter") else None
+    llm = build(desc["llm"], adapter=adapter)
+    projector = build(desc["projector"], encoder.dim, llm.hidden_size)
+    return SpeechLLM(encoder, projector, llm, desc.get("prompts"), desc.get("system_prompt"))
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> SpeechLLM:
+    """Rebuild a SpeechLLM from a Lightning checkpoint written by AlignmentModule."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if CKPT_KEY not in ckpt:
+        raise KeyError(f"{path} has no '{CKPT_KEY}' entry; was it written by mmalign fit?")
+    model = build_from_description(ckpt[CKPT_KEY])
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    result = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: missing trainable keys {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write adapter (peft), projector (safetensors) and config (JSON) to ``out_dir``."""
+    model = load_checkpoint(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model.llm.adapter is not None:
+        model.llm.model.save_pretrained(out / "adapter")
+    save_file(
+        {k: v.contiguous() for k, v in model.projector.state_dict().items()},
+        out / "projector.safetensors",
+    )
+    desc = describe(model)
+    desc["checkpoint"] = str(checkpoint)
+    (out / CONFIG_NAME).write_text(json.dumps(desc, indent=2))
+    return out
+
+
+def load_exported(path: str | Path, device: str = "cpu") -> SpeechLLM:
+    """Load an exported directory: base LLM + peft adapter + projector weights."""
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: not an mmalign export directory")
+    desc = json.loads(cfg_file.read_text())
+    model = build_from_description(desc, with_adapter=False)
+    if (path / "adapter").is_dir():
+        llm: CausalLM = model.llm
+        llm.model = PeftModel.from_pretrained(llm.model, path / "adapter")
+        llm.adapter = llm.model.peft_config["default"]
+    model.projector.load_state_dict(load_file(path / "projector.safetensors"))
+    return model.to(device).eval()

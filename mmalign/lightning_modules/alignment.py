@@ -1,0 +1,208 @@
+"""AlignmentModule: trains projector + adapters of a SpeechLLM; frozen parts never hit disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from mmalign.encoders.base import Encoder
+from mmalign.eval.metrics import error_rates
+from mmalign.llm.load import CausalLM
+from mmalign.model import SpeechLLM
+from mmalign.projectors.base import Projector
+
+log = logging.getLogger(__name__)
+
+ProjectorFactory = Callable[[int, int], Projector]
+SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
+
+
+class AlignmentModule(L.LightningModule):
+    """Lightning wrapper around :class:`SpeechLLM`.
+
+    Args:
+        encoder: frozen feature encoder (e.g. ``mmalign.encoders.whisper.WhisperEncoder``).
+        projector: projector class with its settings; built as ``projector(encoder.dim,
+            llm.hidden_size)`` so widths are never repeated in the config.
+        llm: the frozen LLM with its peft adapter.
+        optimizer: built over trainable parameters only.
+        scheduler: built as ``scheduler(optimizer, total_steps)``, stepped every step.
+        prompts: task name -> prompt text with a ``{modality}`` placeholder.
+        system_prompt: optional system turn for chat templates.
+        normalizer: text normaliser for WER (``english``, ``basic``, ``none``).
+        num_beams: beam width for validation/test decoding (1 = greedy).
+        max_new_tokens: decoding cap; by default derived from each batch's duration.
+        predictions_dir: where ``test`` writes ``utterances.jsonl`` (default: the log dir).
+        log_examples: how many reference/hypothesis pairs to print after val/test.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        projector: ProjectorFactory,
+        llm: CausalLM,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: SchedulerFactory | None = None,
+        prompts: dict[str, str] | None = None,
+        system_prompt: str | None = None,
+        normalizer: str = "english",
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        predictions_dir: str | None = None,
+        log_examples: int = 3,
+    ) -> None:
+        super().__init__()
+        self.model = SpeechLLM(
+            encoder, projector(encoder.dim, llm.hidden_size), llm, prompts, system_prompt
+        )
+        error_rates([], [], normalizer)  # fail now on an unknown normaliser name
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.normalizer = normalizer
+        self.num_beams = num_beams
+        self.max_new_tokens = max_new_tokens
+        self.predictions_dir = predictions_dir
+        self.log_examples = log_examples
+        self._outputs: list[dict[str, Any]] = []
+        self._skipped_total = 0
+        self.strict_loading = False  # frozen weights are absent on purpose; checked below
+
+    # -- parameters and checkpoints -------------------------------------------------------
+
+    def trainable_names(self) -> set[str]:
+        """State-dict keys that a checkpoint carries: trainable parameters and projector buffers."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names |= {f"model.projector.{n}" for n, _ in self.model.projector.named_buffers()}
+        return names
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from mmalign.inference.export import CKPT_KEY, describe
+
+        checkpoint[CKPT_KEY] = describe(self.model)  # plain JSON types: loads with weights_only
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign=False):
+        """Load trainable weights; every missing key must belong to a frozen part."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = self.trainable_names()
+        missing = [k for k in result.missing_keys if k in trainable]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                "checkpoint does not match the model: missing trainable keys "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
+            )
+        return result
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        n_mels = getattr(self.model.encoder, "n_mels", None)
+        if dm is not None and n_mels is not None and getattr(dm, "n_mels", n_mels) != n_mels:
+            raise ValueError(
+                f"data.n_mels={dm.n_mels} but the encoder expects {n_mels} mel bins; "
+                "set data.init_args.n_mels to match"
+            )
+
+    def on_fit_start(self) -> None:
+        self.print(f"trainable parameters: {self.num_trainable_parameters():,}")
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _log_skipped(self, batch: dict[str, Any]) -> None:
+        # batches carry the samples dropped as corrupt since the previous batch of their worker
+        self._skipped_total += int(batch.get("skipped", 0))
+        self.log("data/skipped", float(self._skipped_total), batch_size=len(batch["texts"]))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.model(batch)
+        bs = len(batch["texts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self._log_skipped(batch)
+        return loss
+
+    def _decode(self, batch: dict[str, Any]) -> list[str]:
+        return self.model.generate(
+            batch, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
+        )
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        bs = len(batch["texts"])
+        self.log(f"{prefix}/loss", self.model(batch), batch_size=bs, sync_dist=True)
+        hyps = self._decode(batch)
+        for key, ref, hyp in zip(batch["keys"], batch["texts"], hyps, strict=True):
+            self._outputs.append({"key": key, "reference": ref, "hypothesis": hyp})
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        hyps = self._decode(batch)
+        return [{"key": k, "text": h} for k, h in zip(batch["keys"], hyps, strict=True)]
+
+    def _gathered(self) -> list[dict[str, Any]]:
+        outputs, self._outputs = self._outputs, []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, outputs)
+            outputs = [o for part in parts for o in part]
+        return outputs
+
+    def _eval_end(self, prefix: str) -> dict[str, float] | None:
+        outputs = self._gathered()
+        if not outputs:
+            return None
+        rates = error_rates(
+            [o["reference"] for o in outputs], [o["hypothesis"] for o in outputs], self.normalizer
+        )
+        self.log(f"{prefix}/wer", rates["wer"], rank_zero_only=True)
+        self.log(f"{prefix}/cer", rates["cer"], rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            for o in outputs[: self.log_examples]:
+                self.print(f"  ref: {o['reference']}\n  hyp: {o['hypothesis']}")
+            self.print(f"{prefix}/wer = {rates['wer']:.4f} on {len(outputs)} utterances")
+        if prefix == "test" and self.trainer.is_global_zero:
+            out_dir = Path(self.predictions_dir or self.trainer.log_dir or ".")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "utterances.jsonl", "w") as f:
+                for o in outputs:
+                    f.write(json.dumps(o) + "\n")
+            with open(out_dir / "test_metrics.json", "w") as f:
+                json.dump({"normalizer": self.normalizer, **rates}, f, indent=2)
+            self.print(f"test utterances and metrics written to {out_dir}")
+        return rates
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")

@@ -1,0 +1,123 @@
+"""Load a frozen causal LM and its tokenizer from a hub id, a local directory or a GGUF file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, get_peft_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a config string to a dtype, naming the accepted values on error."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}") from None
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None); resolves ``pinned:`` names."""
+    if source.startswith("pinned:"):
+        from mmalign.assets import resolve
+
+        source = str(resolve(source.removeprefix("pinned:")))
+    if source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    return source, None
+
+
+def load_llm(
+    source: str,
+    *,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    config: dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer.
+
+    ``source`` is a hub id, a local directory, a ``.gguf`` file (dequantised by transformers'
+    gguf support), ``pinned:<name>`` (a checksum-verified asset, see ``mmalign.assets``), or
+    ``random`` with ``config`` (kwargs of an ``AutoConfig.for_model``; tests use this with a
+    tokenizer directory trained on the fly).
+    """
+    if source == "random":
+        if config is None or tokenizer is None:
+            raise ValueError("llm source 'random' needs both `config` and `tokenizer`")
+        cfg = AutoConfig.for_model(**config)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(dtype))
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        where, gguf_file = split_source(source)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(tokenizer or where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+class CausalLM(nn.Module):
+    """A frozen decoder-only LLM, optionally wrapped by a peft adapter (LoRA by default).
+
+    ``adapter`` is any ``peft.PeftConfig`` (e.g. ``peft.LoraConfig`` injected from YAML), so
+    rank, alpha, dropout and target modules are peft's own settings.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        adapter: PeftConfig | None = None,
+        dtype: str = "float32",
+        tokenizer: str | None = None,
+        config: dict | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.dtype_name = dtype
+        self.tokenizer_source = tokenizer
+        self.model_config = config
+        model, self.tokenizer = load_llm(source, dtype=dtype, tokenizer=tokenizer, config=config)
+        model.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        if adapter is not None:
+            if getattr(adapter, "task_type", None) is None:
+                adapter.task_type = "CAUSAL_LM"
+            model = get_peft_model(model, adapter)
+        self.adapter = adapter
+        self.model = model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def init_config(self) -> dict:
+        """Constructor arguments (without the adapter, which export saves in peft's format)."""
+        return {
+            "source": self.source,
+            "dtype": self.dtype_name,
+            "tokenizer": self.tokenizer_source,
+            "config": self.model_config,
+        }

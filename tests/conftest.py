@@ -1,0 +1,145 @@
+"""Tiny model and tokenizer factories: every test builds its models here, nothing downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "zero one two three four five six seven eight nine oh",
+    "the quick brown fox jumps over the lazy dog",
+    "transcribe the speech translate the speech into german french",
+    "transcribe the lip movements and speech answer",
+    "hello world this is a tiny tokenizer for tests",
+]
+
+
+def train_tokenizer(out_dir: Path, chat_template: bool = True) -> Path:
+    """Train a byte-level BPE tokenizer with ChatML specials and save it as a HF directory."""
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token="<|endoftext|>",
+    )
+    if chat_template:
+        fast.chat_template = CHATML
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok_plain"), chat_template=False)
+
+
+def tiny_llm_config(vocab_size: int = 300) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "pad_token_id": 0,
+        "bos_token_id": 3,
+        "eos_token_id": 2,
+    }
+
+
+def tiny_whisper_config() -> dict:
+    return {
+        "d_model": 32,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 64,
+        "decoder_layers": 1,
+        "decoder_attention_heads": 2,
+        "decoder_ffn_dim": 64,
+        "num_mel_bins": 80,
+        "vocab_size": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 1,
+    }
+
+
+@pytest.fixture
+def tiny_parts(tokenizer_dir: Path):
+    """(encoder, llm) pair: random tiny Whisper encoder and tiny Llama with LoRA r=4."""
+    from peft import LoraConfig
+
+    from mmalign.encoders.whisper import WhisperEncoder
+    from mmalign.llm.load import CausalLM
+
+    torch.manual_seed(0)
+    encoder = WhisperEncoder(source="random", config=tiny_whisper_config())
+    llm = CausalLM(
+        "random",
+        adapter=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        tokenizer=str(tokenizer_dir),
+        config=tiny_llm_config(),
+    )
+    return encoder, llm
+
+
+DIGITS = "zero one two three four five six seven eight nine".split()
+
+
+def write_tone_corpus(root: Path, n: int, seed: int = 0) -> Path:
+    """Write ``n`` short tone clips with digit-word transcripts and a JSONL manifest."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = root / "manifest.jsonl"
+    with open(manifest, "w") as f:
+        for i in range(n):
+            digits = [DIGITS[d] for d in rng.integers(0, 10, size=int(rng.integers(1, 4)))]
+            t = np.arange(int(16000 * rng.uniform(0.3, 1.0))) / 16000
+            wav = 0.3 * np.sin(2 * np.pi * (200 + 50 * len(digits)) * t).astype("float32")
+            sf.write(root / f"utt{i:03d}.wav", wav, 16000)
+            f.write(json.dumps({"audio": f"utt{i:03d}.wav", "text": " ".join(digits)}) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def tone_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared shard folder of 12 tone clips (train, val and test all read it)."""
+    from mmalign.data.shards import prepare
+
+    root = tmp_path_factory.mktemp("tones")
+    manifest = write_tone_corpus(root / "raw", 12)
+    report = prepare(manifest, root / "shards", progress=False)
+    assert report.ok
+    return root / "shards"
