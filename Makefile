@@ -38,7 +38,7 @@ format:
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 demo: setup
-	$(BIN)/mmalign synth --out_dir $(DEMO)/corpus --kind digits --n_train 1600 --n_val 32 --n_test 100
+	$(BIN)/mmalign synth $(DEMO)/corpus --kind digits --n_train 1600 --n_val 32 --n_test 100
 	$(BIN)/mmalign prepare $(DEMO)/corpus/train.jsonl $(DEMO)/shards/train
 	$(BIN)/mmalign prepare $(DEMO)/corpus/val.jsonl $(DEMO)/shards/val
 	$(BIN)/mmalign prepare $(DEMO)/corpus/test.jsonl $(DEMO)/shards/test

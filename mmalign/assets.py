@@ -81,12 +81,17 @@ def is_pinned(source: str) -> bool:
     return source.startswith(PREFIX)
 
 
-def _cache_file() -> Path:
+def cache_dir() -> Path:
+    """mmalign's cache: ``$MMALIGN_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmalign`` or ~/.cache."""
     root = os.environ.get("MMALIGN_CACHE_DIR")
     if root is None:
         xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         root = Path(xdg) / "mmalign"
-    return Path(root) / "sha256.json"
+    return Path(root)
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "sha256.json"
 
 
 _MEMO: dict[tuple[str, int, int], str] = {}

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-from lightning.pytorch.cli import LightningCLI
-
-from mmalign.data.datamodule import ShardDataModule
-from mmalign.lightning_modules.alignment import AlignmentModule
+from typing import Any
 
 
-class MMAlignCLI(LightningCLI):
-    """LightningCLI with mmalign's defaults: config saved beside the logs, overwritable."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
+    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
+    Imported lazily so that ``prepare``/``synth``/``score`` start without loading Lightning.
+    """
+    from lightning.pytorch.cli import LightningCLI
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
-    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
-    return MMAlignCLI(
+    from mmalign.data.datamodule import ShardDataModule
+    from mmalign.lightning_modules.alignment import AlignmentModule
+
+    return LightningCLI(
         AlignmentModule,
         ShardDataModule,
         args=args,
@@ -112,49 +112,52 @@ def export(checkpoint: str, out_dir: str) -> None:
     print(f"exported {checkpoint} to {Path(out).resolve()}")
 
 
-def score(*files: str, normalizer: str = "english", examples: int = 0) -> None:
-    """Print WER/CER of ``utterances.jsonl`` files (``reference``/``hypothesis`` per line).
-
-    Args:
-        files: one or more utterances.jsonl files, e.g. from ``mmalign test``.
-        normalizer: ``english`` (Whisper's), ``basic`` (language-neutral) or ``none``.
-        examples: how many reference/hypothesis pairs to show from the last file.
-    """
+def score(argv: list[str]) -> None:
+    """Print WER/CER of utterances.jsonl files (``reference``/``hypothesis`` per line)."""
+    import argparse
     import json
 
-    from mmalign.eval.metrics import error_rates
+    from mmalign.eval.metrics import NORMALIZERS, error_rates
 
-    if not files:
-        raise SystemExit("mmalign score: give at least one utterances.jsonl")
+    parser = argparse.ArgumentParser(prog="mmalign score", description=score.__doc__)
+    parser.add_argument("files", nargs="+", help="utterances.jsonl files, e.g. from mmalign test")
+    parser.add_argument("--normalizer", default="english", choices=NORMALIZERS)
+    parser.add_argument("--examples", type=int, default=0, help="pairs to show from the last file")
+    args = parser.parse_args(argv)
     print(f"{'file':<50} {'utts':>6} {'WER':>8} {'CER':>8}")
     rows: list[dict] = []
-    for name in files:
+    for name in args.files:
         try:
             rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line]
             refs = [r["reference"] for r in rows]
             hyps = [r["hypothesis"] for r in rows]
         except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise SystemExit(f"{name}: cannot read utterances ({e})") from e
-        r = error_rates(refs, hyps, normalizer)
+            raise SystemExit(f"{name}: cannot read utterances ({e!r})") from e
+        r = error_rates(refs, hyps, args.normalizer)
         print(f"{name:<50} {len(rows):>6} {r['wer']:>8.2%} {r['cer']:>8.2%}")
-    for row in rows[:examples]:
+    for row in rows[: args.examples]:
         print(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
 
 
-EXTRA = {"prepare": prepare, "synth": synth, "export": export, "score": score}
+EXTRA = {"prepare": prepare, "synth": synth, "export": export}
+PLAIN = {"score": score}  # argparse-based: variable numbers of positional files
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``mmalign`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PLAIN:
+        PLAIN[argv[0]](argv[1:])
+        return
     if argv and argv[0] in EXTRA:
         from jsonargparse import CLI
 
         CLI(EXTRA[argv[0]], args=argv[1:], prog=f"mmalign {argv[0]}")
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("mmalign subcommands: fit validate test predict | " + " ".join(EXTRA))
-    cli_main(argv)
+        print("mmalign subcommands: fit validate test predict | " + " ".join([*EXTRA, *PLAIN]))
+    cli_main(None if from_command_line else argv)  # LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

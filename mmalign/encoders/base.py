@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,22 @@ class Encoder(nn.Module):
     dim: int
     frame_rate: float
     frozen: bool = False
+    input_key: str = "audio_features"  # batch key of the inputs (``audio`` for waveforms)
+    lengths_key: str = "audio_lengths"  # batch key of their valid lengths
+
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Pick this encoder's inputs out of a batch; encoders with several inputs override it."""
+        for key in (self.input_key, self.lengths_key):
+            if key not in batch:
+                raise KeyError(
+                    f"{type(self).__name__} reads batch[{key!r}], which the data did not provide"
+                    + (" (set data.keep_waveform: true)" if key == "audio" else "")
+                )
+        return self(batch[self.input_key], batch[self.lengths_key])
+
+    def init_config(self) -> dict[str, Any]:
+        """Constructor arguments, so checkpoints and exports can rebuild the encoder."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe itself")
 
     def forward(self, inputs: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -43,6 +46,34 @@ def split_source(source: str) -> tuple[str, str | None]:
     return source, None
 
 
+def dequantized_gguf(path: Path) -> str:
+    """Dequantise a GGUF file once into a transformers directory cached under its sha256.
+
+    transformers' gguf reader takes ~25 s on two cores for a 135M model and repeats the work on
+    every load; the cached float copy loads in about a second. The directory is written to a
+    temporary name and renamed, so concurrent ranks never see half of it.
+    """
+    from mmalign.assets import cache_dir, sha256_file
+
+    target = cache_dir() / "gguf" / sha256_file(path)[:32]
+    if (target / "config.json").is_file():
+        return str(target)
+    log.info("dequantising %s into %s (once)", path, target)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None  # GGUF weights are plain floats now; nothing to re-quantise
+    model.config.quantization_config = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
 def load_llm(
     source: str,
     *,
@@ -65,9 +96,10 @@ def load_llm(
         tok = AutoTokenizer.from_pretrained(tokenizer)
     else:
         where, gguf_file = split_source(source)
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tok = AutoTokenizer.from_pretrained(tokenizer or where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
+        if gguf_file:
+            where = dequantized_gguf(Path(where) / gguf_file)
+        tok = AutoTokenizer.from_pretrained(tokenizer or where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
