@@ -46,7 +46,10 @@ demo: setup
 	$(BIN)/mmalign fit --config $(DEMO_CONFIG)
 	$(BIN)/mmalign test --config $(DEMO_CONFIG) --ckpt_path $(DEMO)/checkpoints/last.ckpt --model.predictions_dir $(DEMO)/after
 	$(BIN)/mmalign export $(DEMO)/checkpoints/last.ckpt $(DEMO)/export
-	$(BIN)/mmalign score $(DEMO)/before/utterances.jsonl $(DEMO)/after/utterances.jsonl --examples 5
+	@echo "== held-out WER (unseen voices), per digit =="
+	$(BIN)/mmalign score $(DEMO)/before/utterances.jsonl $(DEMO)/after/utterances.jsonl --normalizer basic --examples 5
+	@echo "== the same with Whisper's English normaliser (each digit string becomes one number) =="
+	$(BIN)/mmalign score $(DEMO)/after/utterances.jsonl --normalizer english
 	@echo "exported model: $(DEMO)/export   metrics: $(DEMO)/before $(DEMO)/after"
 
 bench: setup
