@@ -91,6 +91,43 @@ def tiny_whisper_config() -> dict:
     }
 
 
+def tiny_wavlm_config(layer_norm: bool = False) -> dict:
+    """WavLM with its real conv strides (320 samples a frame, 50/s) but 16 channels and 2 layers.
+
+    ``layer_norm=True`` is the wavlm-large variant (layer-norm feature extractor, pre-norm
+    layers), which takes an attention mask; the default is the base/base-plus variant.
+    """
+    return {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "conv_dim": [16] * 7,
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 2,
+        "num_buckets": 16,
+        "max_bucket_distance": 40,
+        "vocab_size": 32,
+        "feat_extract_norm": "layer" if layer_norm else "group",
+        "do_stable_layer_norm": layer_norm,
+    }
+
+
+def tiny_clip_config() -> dict:
+    """An open_clip model config (ViT image tower, 32 px, 2 patches a side) for random weights."""
+    return {
+        "embed_dim": 24,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 16,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
+
+
 @pytest.fixture
 def tiny_parts(tokenizer_dir: Path):
     """(encoder, llm) pair: random tiny Whisper encoder and tiny Llama with LoRA r=4."""

@@ -1,7 +1,8 @@
 """Export a training checkpoint to a directory that loads without Lightning, and load it back.
 
-Layout: ``adapter/`` (peft's own format), ``projector.safetensors``, ``mmalign.json``
-(encoder, projector and LLM specs plus prompts).
+Layout: ``adapter/`` (peft's own format), ``projector.safetensors``, ``encoder.safetensors``
+(only when the encoder has trainable weights), ``mmalign.json`` (encoder, projector and LLM
+specs plus prompts).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> SpeechLLM:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write adapter (peft), projector (safetensors) and config (JSON) to ``out_dir``."""
+    """Write adapter (peft), projector (+ trainable encoder weights) and config to ``out_dir``."""
     model = load_checkpoint(checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,9 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         {k: v.contiguous() for k, v in model.projector.state_dict().items()},
         out / "projector.safetensors",
     )
+    encoder_trained = trainable_state(model.encoder)
+    if encoder_trained:  # e.g. WavLM layer weights or encoder LoRA
+        save_file(encoder_trained, out / "encoder.safetensors")
     desc = describe(model)
     desc["checkpoint"] = str(checkpoint)
     (out / CONFIG_NAME).write_text(json.dumps(desc, indent=2))
@@ -96,4 +100,21 @@ def load_exported(path: str | Path, device: str = "cpu") -> SpeechLLM:
         llm.model = PeftModel.from_pretrained(llm.model, path / "adapter")
         llm.adapter = llm.model.peft_config["default"]
     model.projector.load_state_dict(load_file(path / "projector.safetensors"))
+    expected = set(trainable_state(model.encoder))
+    if expected:
+        enc_file = path / "encoder.safetensors"
+        if not enc_file.is_file():
+            raise FileNotFoundError(f"{enc_file} missing: the encoder has trainable weights")
+        result = model.encoder.load_state_dict(load_file(enc_file), strict=False)
+        missing = expected & set(result.missing_keys)
+        if missing or result.unexpected_keys:
+            unexpected = result.unexpected_keys[:5]
+            missing_list = sorted(missing)[:5]
+            raise RuntimeError(f"{enc_file}: missing {missing_list}, unexpected {unexpected}")
     return model.to(device).eval()
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The part of a module's state a frozen-weights export must carry."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous() for k, v in module.state_dict().items() if k in names}

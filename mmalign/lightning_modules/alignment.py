@@ -129,6 +129,12 @@ class AlignmentModule(L.LightningModule):
                 f"data.n_mels={dm.n_mels} but the encoder expects {n_mels} mel bins; "
                 "set data.init_args.n_mels to match"
             )
+        keys = getattr(self.model.encoder, "input_keys", ())
+        if dm is not None and "audio" in keys and not getattr(dm, "keep_waveform", True):
+            raise ValueError(
+                f"{type(self.model.encoder).__name__} reads raw waveforms (batch['audio']); "
+                "set data.keep_waveform: true"
+            )
 
     def on_fit_start(self) -> None:
         self.print(f"trainable parameters: {self.num_trainable_parameters():,}")

@@ -6,6 +6,18 @@ import torch
 from torch import nn
 
 
+def mask_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero the frames of ``x [B, T, D]`` at or past each row's length, so whatever the collate or
+    the encoder left there cannot reach a valid output (and padded outputs are exact zeros)."""
+    valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return x * valid[..., None].to(x.dtype)
+
+
+def final_norm(norm: bool, dim: int) -> nn.Module:
+    """The optional LayerNorm at a projector's output (matches the LLM's embedding scale)."""
+    return nn.LayerNorm(dim) if norm else nn.Identity()
+
+
 class Projector(nn.Module):
     """Base for projectors.
 

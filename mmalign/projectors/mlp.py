@@ -6,15 +6,15 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mmalign.projectors.base import Projector
+from mmalign.projectors.base import Projector, final_norm, mask_padding
 from mmalign.projectors.compress import compress, output_dim
 
 
 class MLPProjector(Projector):
-    """Stack or average-pool ``rate`` frames, then Linear -> activation -> Linear.
+    """Stack or average-pool ``rate`` frames, then Linear -> activation -> Linear (Llama-AVSR).
 
     ``in_dim`` and ``out_dim`` come from the encoder and the LLM at build time; the YAML only
-    names the rate, mode, hidden width and activation.
+    names the rate, mode, hidden width, activation and whether a final LayerNorm follows.
     """
 
     def __init__(
@@ -25,6 +25,7 @@ class MLPProjector(Projector):
         mode: str = "stack",
         hidden_dim: int | None = None,
         activation: str = "gelu",
+        norm: bool = False,
     ) -> None:
         super().__init__(in_dim, out_dim)
         if activation not in ACT2FN:
@@ -43,12 +44,15 @@ class MLPProjector(Projector):
             ACT2FN[activation],
             nn.Linear(self.hidden_dim, out_dim),
         )
+        self.norm = norm
+        self.out_norm = final_norm(norm, out_dim)
 
     def forward(
         self, features: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, lengths = compress(features, lengths, self.rate, self.mode)
-        return self.net(x.to(self.net[0].weight.dtype)), lengths
+        y = self.out_norm(self.net(x.to(self.net[0].weight.dtype)))
+        return mask_padding(y, lengths), lengths
 
     def init_config(self) -> dict:
         return {
@@ -56,4 +60,5 @@ class MLPProjector(Projector):
             "mode": self.mode,
             "hidden_dim": self.hidden_dim,
             "activation": self.activation,
+            "norm": self.norm,
         }
