@@ -1,4 +1,5 @@
-"""The ``mmalign`` command: Lightning's fit/validate/test/predict plus prepare, synth, export.
+"""The ``mmalign`` command: Lightning's fit/validate/test/predict plus prepare, synth, export,
+score, evaluate and transcribe.
 
 ``mmalign fit --config configs/asr/whisper-small_qwen2.5-0.5b.yaml`` is a LightningCLI run;
 the extra subcommands are plain functions whose docstrings are their ``--help``.
@@ -139,8 +140,27 @@ def score(argv: list[str]) -> None:
         print(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
 
 
+def evaluate(argv: list[str]) -> None:
+    """WER/CER/BLEU/chrF of a checkpoint or export on shards or a manifest, swept over rates,
+    SNRs and tasks; writes metrics.json, report.md, plots and utterances.jsonl."""
+    from mmalign.eval.evaluate import main as run_evaluate
+
+    run_evaluate(argv)
+
+
+def transcribe(argv: list[str]) -> None:
+    """Transcribe files, folders, lists or manifests to JSONL, text, SRT and WebVTT (resumable)."""
+    from mmalign.inference.transcribe import main as run_transcribe
+
+    run_transcribe(argv)
+
+
 EXTRA = {"prepare": prepare, "synth": synth, "export": export}
-PLAIN = {"score": score}  # argparse-based: variable numbers of positional files
+PLAIN = {  # argparse-based: variable numbers of positional files, lists of sweep values
+    "score": score,
+    "evaluate": evaluate,
+    "transcribe": transcribe,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

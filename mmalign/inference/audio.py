@@ -1,0 +1,88 @@
+"""Reading user audio for ``evaluate`` and ``transcribe``: any format, any rate, any channels.
+
+soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis, Opus and MP3 quickly from the file header on;
+container formats it does not know (M4A/AAC, WebM, MP4 video, WMA ...) go through
+``torchaudio.load``, which decodes with torchcodec and so with ffmpeg. Either way the result is a
+float32 mono waveform at the model's rate (``to_mono_rate``: channel mean, then
+``torchaudio.functional.resample``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from mmalign.data.shards import to_mono_rate
+
+AUDIO_EXTENSIONS = (
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".m4a",
+    ".aac",
+    ".wma",
+    ".aiff",
+    ".aif",
+    ".au",
+    ".webm",
+    ".mp4",
+    ".mkv",
+    ".mov",
+)
+"""File extensions picked up when a folder is searched for audio (case-insensitive)."""
+
+
+class AudioReadError(OSError):
+    """Neither soundfile nor torchaudio/torchcodec could decode a file."""
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000) -> torch.Tensor:
+    """Decode ``path`` to a float32 mono waveform at ``sample_rate``.
+
+    Tries soundfile first (fast, no ffmpeg), then ``torchaudio.load`` (torchcodec + ffmpeg) for
+    formats libsndfile lacks. Raises :class:`AudioReadError` naming the file and both causes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioReadError(f"{path}: no such file")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        wave = torch.from_numpy(data.T.copy())
+    except Exception as sf_error:  # libsndfile raises several types for unknown formats
+        try:
+            import torchaudio
+
+            wave, rate = torchaudio.load(str(path))
+        except Exception as ta_error:
+            raise AudioReadError(
+                f"{path}: cannot decode audio (soundfile: {sf_error}; "
+                f"torchaudio/torchcodec: {ta_error})"
+            ) from ta_error
+    if wave.numel() == 0:
+        raise AudioReadError(f"{path}: no audio samples")
+    wave = to_mono_rate(wave, int(rate), sample_rate)
+    if not torch.isfinite(wave).all():
+        raise AudioReadError(f"{path}: non-finite samples")
+    return wave
+
+
+def audio_duration(path: str | Path) -> float | None:
+    """Duration in seconds from the file header when soundfile knows the format, else None."""
+    try:
+        info = sf.info(str(path))
+    except Exception:
+        return None
+    return float(info.frames) / info.samplerate if info.samplerate else None
+
+
+def find_audio(folder: str | Path) -> list[Path]:
+    """Audio files under ``folder`` (recursively, by extension), sorted by path."""
+    root = Path(folder)
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+    )

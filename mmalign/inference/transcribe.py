@@ -1,0 +1,489 @@
+"""``mmalign transcribe``: many audio files to text, JSONL, SRT and WebVTT, resumable.
+
+Inputs are audio files, folders (searched recursively by extension), text lists (``.txt`` or
+``.lst``, one path a line, relative to the list) and JSONL manifests (``audio`` path, optional
+``task``/``id`` and prompt fields). Audio is read with soundfile, or torchaudio/torchcodec (ffmpeg)
+for what libsndfile lacks, then down-mixed and resampled. Files longer than ``chunk_seconds``
+are cut into overlapping chunks (:mod:`mmalign.inference.chunking`), whose texts are joined
+without repeating the overlap.
+
+Work goes in rounds: files are read until about ``4 x batch_size`` chunks are waiting, all those
+chunks are decoded in length-sorted batches, then each finished file is written out, in input
+order: first its ``.txt``/``.srt``/``.vtt`` (each atomically), then its line in
+``transcripts.jsonl``, flushed and synced. That JSONL is the ledger: a rerun into the same
+``--out`` skips every path it already lists, so an interrupted run loses at most the round in
+flight and never writes a file twice (``--overwrite`` starts afresh; ``--retry-errors`` redoes
+the files that failed). A file that cannot be read gets a ledger line with ``error`` set and a
+place in the final summary; the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mmalign.data.collate import DEFAULT_TASK
+from mmalign.inference.audio import AUDIO_EXTENSIONS, audio_duration, find_audio, read_audio
+from mmalign.inference.chunking import Chunk, chunk_bounds, join_chunks
+from mmalign.inference.decode import (
+    DTYPES,
+    DecodeOptions,
+    add_decoding_arguments,
+    decode_options,
+    decode_samples,
+    features_for,
+    load_model,
+    select_rates,
+    use_rate,
+)
+from mmalign.inference.subtitles import to_srt, to_vtt
+from mmalign.model import SpeechLLM
+
+log = logging.getLogger(__name__)
+
+LEDGER = "transcripts.jsonl"
+FORMATS = ("txt", "srt", "vtt")
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+@dataclass
+class InputItem:
+    """One file to transcribe, with what its manifest line said (``task``, prompt fields)."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None  # the folder it was found in, for output names
+    error: str | None = None  # known unusable before reading (bad manifest line)
+
+    @property
+    def key(self) -> str:
+        return os.path.abspath(self.path)
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[InputItem]:
+    """Expand files, folders, lists and manifests into files, in order, without duplicates.
+
+    A top-level path that does not exist, or a bad manifest line, becomes an item carrying an
+    error (reported like an unreadable file); a folder without audio is an error at once.
+    """
+    items: list[InputItem] = []
+    for spec in inputs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            files = find_audio(path)
+            if not files:
+                raise FileNotFoundError(
+                    f"{path}: no audio files (looked for {' '.join(AUDIO_EXTENSIONS)})"
+                )
+            items += [InputItem(f, root=path) for f in files]
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            items += _list_items(path)
+        elif path.is_file() and path.suffix.lower() == ".jsonl":
+            items += _manifest_items(path)
+        elif path.exists():
+            items.append(InputItem(path))
+        else:
+            items.append(InputItem(path, error=f"{path}: no such file or folder"))
+    unique: dict[str, InputItem] = {}
+    for item in items:
+        unique.setdefault(item.key, item)
+    return list(unique.values())
+
+
+def _resolve(base: Path, name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _list_items(listing: Path) -> list[InputItem]:
+    lines = listing.read_text(encoding="utf-8").splitlines()
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return [InputItem(_resolve(listing.parent, n)) for n in names]
+
+
+def _manifest_items(manifest: Path) -> list[InputItem]:
+    items = []
+    for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exn:
+            obj = exn
+        audio = obj.get("audio") if isinstance(obj, dict) else None
+        if not isinstance(audio, str) or not audio:
+            why = f"invalid JSON ({obj.msg})" if isinstance(obj, Exception) else "no 'audio' path"
+            where = f"{manifest}:{lineno}"
+            items.append(InputItem(Path(where), error=f"{where}: {why}"))
+            continue
+        assert isinstance(obj, dict)
+        items.append(InputItem(_resolve(manifest.parent, audio), meta=obj))
+    return items
+
+
+# -- the ledger and per-file outputs ---------------------------------------------------------
+
+
+def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
+    """Records of a previous run by absolute path. A last line cut short by an interruption is
+    dropped from the file, so appending goes on from a clean line boundary."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    records: dict[str, dict[str, Any]] = {}
+    good = 0
+    for raw in data.splitlines(keepends=True):
+        if not raw.strip():
+            good += len(raw)
+            continue
+        try:
+            rec = json.loads(raw)
+            records[os.path.abspath(rec["path"])] = rec
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exn:
+            if good + len(raw) < len(data):
+                raise ValueError(
+                    f"{path}: corrupt line at byte {good}; fix it or use --overwrite"
+                ) from exn
+            log.warning("%s: dropping a last line cut short by an interruption", path)
+            break
+        if not raw.endswith(b"\n"):  # complete JSON but no newline yet
+            raw += b"\n"
+            with open(path, "r+b") as fh:
+                fh.seek(good)
+                fh.write(raw)
+        good += len(raw)
+    if good < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+    return records
+
+
+def _output_name(item: InputItem, taken: set[str]) -> str:
+    """Output base name: path relative to its input folder (else the file stem); a clash gets a
+    short hash of the absolute path, so names never depend on processing order."""
+    rel = item.path.relative_to(item.root) if item.root else Path(item.path.name)
+    name = rel.with_suffix("").as_posix()
+    if name in taken:
+        name = f"{name}-{hashlib.sha1(item.key.encode()).hexdigest()[:8]}"
+    taken.add(name)
+    return name
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_file_outputs(
+    out_dir: Path, name: str, record: dict[str, Any], formats: Sequence[str]
+) -> dict[str, str]:
+    """Write ``name.txt/.srt/.vtt`` for a transcribed file; returns {format: relative path}."""
+    writers = {
+        "txt": lambda r: r["text"] + "\n",
+        "srt": lambda r: to_srt(r["chunks"]),
+        "vtt": lambda r: to_vtt(r["chunks"]),
+    }
+    written = {}
+    for fmt in formats:
+        rel = f"{name}.{fmt}"
+        _write_atomic(out_dir / rel, writers[fmt](record))
+        written[fmt] = rel
+    return written
+
+
+class Ledger:
+    """Append-only ``transcripts.jsonl``; every line is flushed and synced before going on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# -- transcription ---------------------------------------------------------------------------
+
+
+@dataclass
+class TranscribeSummary:
+    """Counts for the final report; ``failed`` lists (path, error)."""
+
+    out_dir: Path
+    transcribed: int = 0
+    already_done: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def text(self) -> str:
+        speed = self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        lines = [
+            f"transcribed {self.transcribed} file(s), {self.audio_seconds:.1f} s of audio in "
+            f"{self.wall_seconds:.1f} s ({speed:.1f} audio-s/s); {self.already_done} already "
+            f"done; {len(self.failed)} failed; outputs in {self.out_dir}"
+        ]
+        lines += [f"  failed: {path}: {error}" for path, error in self.failed]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Pending:
+    item: InputItem
+    name: str
+    chunks: list[Chunk] = field(default_factory=list)
+    duration: float = 0.0
+    error: str | None = None
+    wave: Any = None  # the decoded waveform while the file waits for its round
+    text: str = ""
+    spans: list[dict[str, Any]] = field(default_factory=list)
+
+
+def transcribe(
+    model: str | Path | SpeechLLM,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    options: DecodeOptions | None = None,
+    chunk_seconds: float = 30.0,
+    overlap_seconds: float = 2.0,
+    formats: Sequence[str] = FORMATS,
+    rate: int | None = None,
+    task: str = DEFAULT_TASK,
+    overwrite: bool = False,
+    retry_errors: bool = False,
+    progress: bool = True,
+) -> TranscribeSummary:
+    """Transcribe ``inputs`` into ``out_dir`` (ledger ``transcripts.jsonl`` plus one
+    ``.txt``/``.srt``/``.vtt`` per file); see the module docstring for resuming."""
+    options = options or DecodeOptions()
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
+    out = Path(out_dir)
+    items = collect_inputs(inputs)
+    if isinstance(model, SpeechLLM):
+        speech_llm = model.to(device=options.device, dtype=DTYPES[options.dtype]).eval()
+    else:
+        speech_llm = load_model(model, options.device, options.dtype).model
+    if rate is not None:
+        select_rates(speech_llm, [rate])  # raises for a rate the model lacks
+        use_rate(speech_llm, rate)
+    features = features_for(speech_llm)
+    window = getattr(speech_llm.encoder, "max_frames", None)
+    if window is not None and chunk_seconds * features.frame_rate > window:
+        raise ValueError(
+            f"chunk_seconds={chunk_seconds} exceeds the encoder window of "
+            f"{window / features.frame_rate:g} s"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    ledger_path = out / LEDGER
+    if overwrite and ledger_path.exists():
+        ledger_path.unlink()
+    done = read_ledger(ledger_path)
+    if retry_errors and any(r.get("error") for r in done.values()):
+        kept = [r for r in done.values() if not r.get("error")]
+        _write_atomic(ledger_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        done = {os.path.abspath(r["path"]): r for r in kept}
+    taken = {n for r in done.values() for n in [r.get("name")] if n}
+    todo = [it for it in items if it.key not in done]
+    summary = TranscribeSummary(out, already_done=len(items) - len(todo))
+    known = [audio_duration(it.path) if it.error is None else 0.0 for it in todo]
+    bar = tqdm(
+        total=round(sum(known), 1) if None not in known else None,
+        unit=" audio-s",
+        unit_scale=False,
+        disable=not progress,
+        desc="transcribe",
+    )
+    ledger = Ledger(ledger_path)
+    start = time.perf_counter()
+    buffer: list[_Pending] = []
+    buffered_chunks = 0
+    limit = 4 * (options.batch_size or 16)
+
+    def flush() -> None:
+        nonlocal buffered_chunks
+        _decode_round(speech_llm, buffer, options, features, task, bar, overlap_seconds)
+        for pending in buffer:
+            _finish(pending, out, formats, ledger, summary)
+        buffer.clear()
+        buffered_chunks = 0
+
+    try:
+        for item in todo:
+            pending = _Pending(item, _output_name(item, taken))
+            if item.error is None:
+                try:
+                    wave = read_audio(item.path, features.sample_rate)
+                    pending.duration = wave.numel() / features.sample_rate
+                    pending.chunks = chunk_bounds(
+                        wave.numel(), features.sample_rate, chunk_seconds, overlap_seconds
+                    )
+                    pending.wave = wave
+                    buffered_chunks += len(pending.chunks)
+                except Exception as exn:  # any decoder failure: record it and go on
+                    pending.error = str(exn)
+            else:
+                pending.error = item.error
+            buffer.append(pending)
+            if buffered_chunks >= limit:
+                flush()
+        if buffer:
+            flush()
+    finally:
+        ledger.close()
+        bar.close()
+        summary.wall_seconds = time.perf_counter() - start
+    return summary
+
+
+def _decode_round(
+    model: SpeechLLM,
+    buffer: list[_Pending],
+    options: DecodeOptions,
+    features: Any,
+    task: str,
+    bar: Any,
+    overlap_seconds: float,
+) -> None:
+    """Decode every chunk of the buffered files together (length-sorted), then join per file."""
+    samples, owners = [], []
+    for pending in buffer:
+        if pending.error is not None:
+            continue
+        wave = pending.wave
+        meta = {k: v for k, v in pending.item.meta.items() if k != "audio"}
+        for i, chunk in enumerate(pending.chunks):
+            new = chunk.end - (pending.chunks[i - 1].end if i else chunk.start)
+            samples.append(
+                {
+                    "__key__": f"{pending.name}#{i}",
+                    "audio": wave[chunk.first : chunk.last],
+                    "text": "",
+                    "task": str(meta.get("task") or task),
+                    "duration": chunk.end - chunk.start,
+                    "meta": meta,
+                    "new_seconds": new,
+                }
+            )
+            owners.append(pending)
+    if not samples:
+        return
+
+    def advance(indices: list[int], _texts: list[str]) -> None:
+        bar.update(round(sum(samples[i]["new_seconds"] for i in indices), 2))
+
+    texts = decode_samples(model, samples, options, features, on_batch=advance)
+    for pending in buffer:
+        if pending.error is None:
+            mine = [t for t, o in zip(texts, owners, strict=True) if o is pending]
+            pending.text, pending.spans = join_chunks(mine, pending.chunks, overlap_seconds)
+        pending.wave = None
+
+
+def _finish(
+    pending: _Pending,
+    out: Path,
+    formats: Sequence[str],
+    ledger: Ledger,
+    summary: TranscribeSummary,
+) -> None:
+    record: dict[str, Any] = {
+        "path": pending.item.key,
+        "name": pending.name,
+        "text": None,
+        "duration": None,
+        "chunks": [],
+        "error": pending.error,
+    }
+    for key in ("id", "key"):
+        if key in pending.item.meta:
+            record[key] = pending.item.meta[key]
+    if pending.error is None:
+        record.update(
+            text=pending.text,
+            duration=round(pending.duration, 3),
+            chunks=pending.spans,
+        )
+        record["outputs"] = write_file_outputs(out, pending.name, record, formats)
+        summary.transcribed += 1
+        summary.audio_seconds += pending.duration
+    else:
+        log.warning("cannot transcribe %s: %s", pending.item.path, pending.error)
+        summary.failed.append((str(pending.item.path), pending.error))
+    ledger.append(record)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmalign transcribe",
+        description=(
+            "Transcribe audio files, folders (recursive), lists (.txt/.lst) or JSONL manifests "
+            "with a checkpoint or export. Long files are cut into overlapping chunks. Writes "
+            f"{LEDGER} (path, text, duration, chunk spans, error) and per-file .txt/.srt/.vtt "
+            "to --out; a rerun skips files already done."
+        ),
+    )
+    parser.add_argument("model", help="a .ckpt from `mmalign fit` or an `mmalign export` folder")
+    parser.add_argument("inputs", nargs="+", help="audio files, folders, .txt/.lst lists, .jsonl")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--formats", nargs="*", default=list(FORMATS), choices=FORMATS, help="per-file outputs"
+    )
+    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window per chunk")
+    parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks")
+    parser.add_argument("--rate", type=int, help="compression rate (multi-rate models)")
+    parser.add_argument("--task", default=DEFAULT_TASK, help="prompt task unless a manifest says")
+    parser.add_argument("--overwrite", action="store_true", help="redo everything")
+    parser.add_argument("--retry-errors", action="store_true", help="redo files that failed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_decoding_arguments(parser, batch_size=8)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> TranscribeSummary:
+    """``mmalign transcribe`` entry point; exits non-zero only when nothing could be done."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = transcribe(
+            args.model,
+            args.inputs,
+            args.out,
+            options=decode_options(args),
+            chunk_seconds=args.chunk_seconds,
+            overlap_seconds=args.overlap_seconds,
+            formats=args.formats,
+            rate=args.rate,
+            task=args.task,
+            overwrite=args.overwrite,
+            retry_errors=args.retry_errors,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError, KeyError) as exn:
+        raise SystemExit(f"mmalign transcribe: {exn}") from exn
+    print(summary.text())
+    if summary.failed and summary.transcribed == 0 and summary.already_done == 0:
+        raise SystemExit(1)
+    return summary
