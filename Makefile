@@ -53,7 +53,9 @@ demo: setup
 	@echo "exported model: $(DEMO)/export   metrics: $(DEMO)/before $(DEMO)/after"
 
 bench: setup
-	$(BIN)/python bench/encoder_window.py
+	$(BIN)/python bench/encoder_window.py --threads 1
+	$(BIN)/python bench/projectors.py
+	$(BIN)/python bench/transcribe_throughput.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -20,12 +20,7 @@ from mmalign.cli import cli_main
 from mmalign.inference.export import export, load_exported
 
 ASR = Path(__file__).parents[2] / "configs" / "asr"
-CONFIGS = [
-    "wavlm-base-plus_qwen2.5-0.5b.yaml",
-    "whisper-small+wavlm-base-plus_qwen2.5-0.5b.yaml",
-    "whisper-small_qwen2.5-0.5b_swiglu.yaml",
-    "whisper-small_qwen2.5-0.5b_qformer.yaml",
-]
+CONFIGS = sorted(p.name for p in ASR.glob("*.yaml"))  # every ASR config, shrunk to tiny
 TINY_ENCODERS = {
     "mmalign.encoders.whisper.WhisperEncoder": tiny_whisper_config,
     "mmalign.encoders.wavlm.WavLMEncoder": tiny_wavlm_config,
