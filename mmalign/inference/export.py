@@ -3,6 +3,11 @@
 Layout: ``adapter/`` (peft's own format), ``projector.safetensors``, ``encoder.safetensors``
 (only when the encoder has trainable weights), ``mmalign.json`` (encoder, projector and LLM
 specs plus prompts).
+
+A multi-rate (Matryoshka) model keeps every adapter: peft's ``save_pretrained`` writes the
+``default`` (shared) adapter at ``adapter/`` and each other one in ``adapter/<name>/`` (e.g.
+``adapter/rate8/``); ``mmalign.json`` lists them under ``adapters`` with the ``lora_strategy``,
+and :func:`load_exported` loads them all and activates those of the projector's rate.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from mmalign.components import build, spec
 from mmalign.llm.load import CausalLM
+from mmalign.llm.lora import SHARED_ADAPTER
 from mmalign.model import SpeechLLM
 
 CONFIG_NAME = "mmalign.json"
@@ -32,6 +38,8 @@ def describe(model: SpeechLLM) -> dict[str, Any]:
             "projector": spec(model.projector),
             "llm": spec(model.llm),
             "adapter": adapter.to_dict() if adapter is not None else None,
+            "adapters": list(model.llm.model.peft_config) if adapter is not None else [],
+            "lora_strategy": model.lora_strategy,
             "prompts": model.prompt.prompts,
             "system_prompt": model.prompt.system_prompt,
         }
@@ -47,7 +55,14 @@ def build_from_description(desc: dict[str, Any], with_adapter: bool = True) -> S
     adapter = get_peft_config(desc["adapter"]) if with_adapter and desc.get("adapter") else None
     llm = build(desc["llm"], adapter=adapter)
     projector = build(desc["projector"], encoder.dim, llm.hidden_size)
-    return SpeechLLM(encoder, projector, llm, desc.get("prompts"), desc.get("system_prompt"))
+    return SpeechLLM(
+        encoder,
+        projector,
+        llm,
+        desc.get("prompts"),
+        desc.get("system_prompt"),
+        lora_strategy=desc.get("lora_strategy", "shared"),
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> SpeechLLM:
@@ -97,8 +112,16 @@ def load_exported(path: str | Path, device: str = "cpu") -> SpeechLLM:
     model = build_from_description(desc, with_adapter=False)
     if (path / "adapter").is_dir():
         llm: CausalLM = model.llm
-        llm.model = PeftModel.from_pretrained(llm.model, path / "adapter")
-        llm.adapter = llm.model.peft_config["default"]
+        names = desc.get("adapters") or [SHARED_ADAPTER]
+
+        def where(name: str) -> Path:  # peft's save_pretrained layout
+            return path / "adapter" if name == SHARED_ADAPTER else path / "adapter" / name
+
+        llm.model = PeftModel.from_pretrained(llm.model, where(names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            llm.model.load_adapter(where(name), adapter_name=name)
+        llm.adapter = llm.model.peft_config[names[0]]
+        model.activate_rate()
     model.projector.load_state_dict(load_file(path / "projector.safetensors"))
     expected = set(trainable_state(model.encoder))
     if expected:

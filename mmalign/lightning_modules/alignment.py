@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
@@ -43,6 +44,18 @@ class AlignmentModule(L.LightningModule):
         max_new_tokens: decoding cap; by default derived from each batch's duration.
         predictions_dir: where ``test`` writes ``utterances.jsonl`` (default: the log dir).
         log_examples: how many reference/hypothesis pairs to print after val/test.
+        lora_strategy: multi-rate projectors only: ``shared`` (one adapter for all rates),
+            ``per_rate`` or ``shared+per_rate`` (see :mod:`mmalign.llm.lora`).
+        rate_sampling: multi-rate projectors only: ``all`` averages the loss over every rate
+            each step (the encoder runs once), ``sample`` trains one drawn rate per step.
+        rate_weights: one weight per projector rate: the weighted mean in ``all`` mode, the
+            draw probabilities in ``sample`` mode (default: uniform).
+        rate_seed: seed of the rate draws; a draw depends only on (seed, step, batch index),
+            so resumed and multi-device runs draw the same rates. With ``sample`` and
+            per-rate adapters under DDP, set the strategy's ``find_unused_parameters: true``.
+
+    With a multi-rate projector, validation and test decode at every rate and log
+    ``val/wer_r{rate}`` (and ``cer``/``loss``) per rate, with ``val/wer`` at the default rate.
     """
 
     def __init__(
@@ -59,11 +72,23 @@ class AlignmentModule(L.LightningModule):
         max_new_tokens: int | None = None,
         predictions_dir: str | None = None,
         log_examples: int = 3,
+        lora_strategy: str = "shared",
+        rate_sampling: str = "all",
+        rate_weights: list[float] | None = None,
+        rate_seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = SpeechLLM(
-            encoder, projector(encoder.dim, llm.hidden_size), llm, prompts, system_prompt
+            encoder,
+            projector(encoder.dim, llm.hidden_size),
+            llm,
+            prompts,
+            system_prompt,
+            lora_strategy=lora_strategy,
         )
+        self.rate_sampling = rate_sampling
+        self.rate_seed = rate_seed
+        self.rate_weights = self._check_rates(rate_sampling, rate_weights, lora_strategy)
         error_rates([], [], normalizer)  # fail now on an unknown normaliser name
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -75,6 +100,49 @@ class AlignmentModule(L.LightningModule):
         self._outputs: list[dict[str, Any]] = []
         self._skipped_total = 0
         self.strict_loading = False  # frozen weights are absent on purpose; checked below
+
+    def _check_rates(
+        self, sampling: str, weights: list[float] | None, strategy: str
+    ) -> list[float] | None:
+        rates = self.model.rates
+        if sampling not in ("all", "sample"):
+            raise ValueError(f"rate_sampling {sampling!r} is not one of ('all', 'sample')")
+        if rates is None:
+            if weights is not None:
+                raise ValueError("rate_weights needs a multi-rate projector (with `rates`)")
+            return None
+        weights = [1.0] * len(rates) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(rates) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"rate_weights {weights} must be one non-negative weight per rate {rates}, "
+                "not all zero"
+            )
+        base = getattr(self.model.llm.model, "base_model", self.model.llm.model)
+        checkpointing = getattr(base, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5 name
+            checkpointing = getattr(base, "is_gradient_checkpointing", False)
+        if checkpointing and sampling == "all" and strategy != "shared":
+            raise ValueError(
+                f"rate_sampling 'all' with lora_strategy {strategy!r} cannot use LLM gradient "
+                "checkpointing: recomputation in backward would run with the last rate's "
+                "adapters; use rate_sampling 'sample' or lora_strategy 'shared'"
+            )
+        return weights
+
+    def _default_rate(self) -> int:
+        """The rate ``val/wer`` is reported at: the projector's ``default_rate``, else its first."""
+        rates = self.model.rates or [0]
+        return int(getattr(self.model.projector, "default_rate", rates[0]))
+
+    def training_rates(self, batch_idx: int) -> list[int]:
+        """The rates this step trains: all of them, or one drawn from (seed, step, batch)."""
+        rates = self.model.rates
+        assert rates is not None and self.rate_weights is not None
+        if self.rate_sampling == "all":
+            return rates
+        rng = np.random.default_rng([self.rate_seed, int(self.global_step), int(batch_idx)])
+        p = np.asarray(self.rate_weights) / sum(self.rate_weights)
+        return [rates[int(rng.choice(len(rates), p=p))]]
 
     # -- parameters and checkpoints -------------------------------------------------------
 
@@ -147,8 +215,16 @@ class AlignmentModule(L.LightningModule):
         self.log("data/skipped", float(self._skipped_total), batch_size=len(batch["texts"]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model(batch)
         bs = len(batch["texts"])
+        if self.model.rates is None:
+            loss = self.model(batch)
+        else:
+            losses = self.model.loss_per_rate(batch, self.training_rates(batch_idx))
+            weight = dict(zip(self.model.rates, self.rate_weights or [], strict=True))
+            total = sum(weight[r] for r in losses)
+            loss = sum(weight[r] * v for r, v in losses.items()) / total
+            for r, v in losses.items():
+                self.log(f"train/loss_r{r}", v, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self._log_skipped(batch)
         return loss
@@ -160,10 +236,35 @@ class AlignmentModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
         bs = len(batch["texts"])
-        self.log(f"{prefix}/loss", self.model(batch), batch_size=bs, sync_dist=True)
-        hyps = self._decode(batch)
+        rates = self.model.rates
+        if rates is None:
+            self.log(f"{prefix}/loss", self.model(batch), batch_size=bs, sync_dist=True)
+            self._collect(batch, self._decode(batch), None)
+            return
+        encoded = self.model.encode(batch)
+        default = self._default_rate()
+        for r, loss in self.model.loss_per_rate(batch, rates, encoded).items():
+            self.log(f"{prefix}/loss_r{r}", loss, batch_size=bs, sync_dist=True)
+            if r == default:
+                self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
+        before = self.model.projector.rate
+        try:
+            for r in rates:
+                self.model.set_rate(r)
+                hyps = self.model.generate(
+                    batch,
+                    max_new_tokens=self.max_new_tokens,
+                    num_beams=self.num_beams,
+                    encoded=encoded,
+                )
+                self._collect(batch, hyps, r)
+        finally:
+            self.model.set_rate(before)
+
+    def _collect(self, batch: dict[str, Any], hyps: list[str], rate: int | None) -> None:
         for key, ref, hyp in zip(batch["keys"], batch["texts"], hyps, strict=True):
-            self._outputs.append({"key": key, "reference": ref, "hypothesis": hyp})
+            row = {"key": key, "reference": ref, "hypothesis": hyp}
+            self._outputs.append(row if rate is None else {**row, "rate": rate})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -187,6 +288,20 @@ class AlignmentModule(L.LightningModule):
         outputs = self._gathered()
         if not outputs:
             return None
+        per_rate: dict[int, dict[str, float]] = {}
+        if self.model.rates is not None:
+            for r in self.model.rates:
+                rows = [o for o in outputs if o["rate"] == r]
+                per_rate[r] = error_rates(
+                    [o["reference"] for o in rows], [o["hypothesis"] for o in rows], self.normalizer
+                )
+                self.log(f"{prefix}/wer_r{r}", per_rate[r]["wer"], rank_zero_only=True)
+                self.log(f"{prefix}/cer_r{r}", per_rate[r]["cer"], rank_zero_only=True)
+                if not self.trainer.sanity_checking:
+                    self.print(f"{prefix}/wer_r{r} = {per_rate[r]['wer']:.4f}")
+            default = self._default_rate()
+            by_rate = outputs
+            outputs = [o for o in outputs if o["rate"] == default]
         rates = error_rates(
             [o["reference"] for o in outputs], [o["hypothesis"] for o in outputs], self.normalizer
         )
@@ -202,8 +317,17 @@ class AlignmentModule(L.LightningModule):
             with open(out_dir / "utterances.jsonl", "w") as f:
                 for o in outputs:
                     f.write(json.dumps(o) + "\n")
+            for r in per_rate:
+                with open(out_dir / f"utterances_r{r}.jsonl", "w") as f:
+                    for o in by_rate:
+                        if o["rate"] == r:
+                            f.write(json.dumps(o) + "\n")
+            metrics: dict[str, Any] = {"normalizer": self.normalizer, **rates}
+            if per_rate:
+                metrics["rate"] = self._default_rate()
+                metrics["rates"] = {str(r): v for r, v in per_rate.items()}
             with open(out_dir / "test_metrics.json", "w") as f:
-                json.dump({"normalizer": self.normalizer, **rates}, f, indent=2)
+                json.dump(metrics, f, indent=2)
             self.print(f"test utterances and metrics written to {out_dir}")
         return rates
 
