@@ -131,6 +131,11 @@ def tiny_clip_config() -> dict:
 @pytest.fixture
 def tiny_parts(tokenizer_dir: Path):
     """(encoder, llm) pair: random tiny Whisper encoder and tiny Llama with LoRA r=4."""
+    return make_tiny_parts(tokenizer_dir)
+
+
+def make_tiny_parts(tokenizer_dir: Path):
+    """What ``tiny_parts`` returns, for tests that need a fresh pair per call."""
     from peft import LoraConfig
 
     from mmalign.encoders.whisper import WhisperEncoder
@@ -145,6 +150,55 @@ def tiny_parts(tokenizer_dir: Path):
         config=tiny_llm_config(),
     )
     return encoder, llm
+
+
+def tiny_batch(n: int = 3, t: int = 40, cuts: tuple[int, int, int] = (0, 11, 20)) -> dict:
+    """A batch of ``n`` random log-mel rows of lengths ``t - cuts[i]`` with short transcripts."""
+    lengths = torch.tensor([t - c for c in cuts[:n]])
+    return {
+        "audio_features": torch.randn(n, 80, t),
+        "audio_lengths": lengths,
+        "texts": ["one two", "three", "four five six"][:n],
+        "task": ["asr"] * n,
+        "durations": lengths / 100,
+        "keys": [f"k{i}" for i in range(n)],
+    }
+
+
+def tiny_model_section(
+    tokenizer_dir: Path,
+    rate: int = 2,
+    hidden_dim: int = 16,
+    lora_r: int = 4,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> dict:
+    """The ``model.encoder/projector/llm`` part of a CLI config, with tiny random models."""
+    return {
+        "encoder": {
+            "class_path": "mmalign.encoders.whisper.WhisperEncoder",
+            "init_args": {"source": "random", "config": tiny_whisper_config()},
+        },
+        "projector": {
+            "class_path": "mmalign.projectors.mlp.MLPProjector",
+            "init_args": {"rate": rate, "hidden_dim": hidden_dim},
+        },
+        "llm": {
+            "class_path": "mmalign.llm.load.CausalLM",
+            "init_args": {
+                "source": "random",
+                "tokenizer": str(tokenizer_dir),
+                "config": tiny_llm_config(),
+                "adapter": {
+                    "class_path": "peft.LoraConfig",
+                    "init_args": {
+                        "r": lora_r,
+                        "lora_alpha": 2 * lora_r,
+                        "target_modules": list(lora_targets),
+                    },
+                },
+            },
+        },
+    }
 
 
 DIGITS = "zero one two three four five six seven eight nine".split()

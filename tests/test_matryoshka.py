@@ -6,12 +6,9 @@ import functools
 
 import pytest
 import torch
-from conftest import tiny_llm_config, tiny_whisper_config
-from peft import LoraConfig
+from conftest import make_tiny_parts, tiny_batch
 
-from mmalign.encoders.whisper import WhisperEncoder
 from mmalign.lightning_modules.alignment import AlignmentModule
-from mmalign.llm.load import CausalLM
 from mmalign.llm.lora import STRATEGIES, adapter_names
 from mmalign.model import SpeechLLM
 from mmalign.projectors.compress import compressed_lengths
@@ -21,15 +18,7 @@ RATES = [2, 4, 8]
 
 
 def parts(tokenizer_dir):
-    torch.manual_seed(0)
-    encoder = WhisperEncoder(source="random", config=tiny_whisper_config())
-    llm = CausalLM(
-        "random",
-        adapter=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        tokenizer=str(tokenizer_dir),
-        config=tiny_llm_config(),
-    )
-    return encoder, llm
+    return make_tiny_parts(tokenizer_dir)
 
 
 def module(tokenizer_dir, strategy: str, **kwargs) -> AlignmentModule:
@@ -39,15 +28,7 @@ def module(tokenizer_dir, strategy: str, **kwargs) -> AlignmentModule:
 
 
 def batch(n: int = 3, t: int = 48) -> dict:
-    lengths = torch.tensor([t, t - 13, t - 22][:n])
-    return {
-        "audio_features": torch.randn(n, 80, t),
-        "audio_lengths": lengths,
-        "texts": ["one two", "three", "four five six"][:n],
-        "task": ["asr"] * n,
-        "durations": lengths / 100,
-        "keys": [f"k{i}" for i in range(n)],
-    }
+    return tiny_batch(n, t, (0, 13, 22))
 
 
 def lora_grads(model: SpeechLLM) -> dict[str, bool]:

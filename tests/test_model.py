@@ -1,4 +1,5 @@
 import torch
+from conftest import tiny_batch
 
 from mmalign.model import SpeechLLM
 from mmalign.projectors.mlp import MLPProjector
@@ -10,14 +11,7 @@ def make_model(tiny_parts):
 
 
 def batch(n=3, t=40):
-    lengths = torch.tensor([t, t - 11, t - 20][:n])
-    return {
-        "audio_features": torch.randn(n, 80, t),
-        "audio_lengths": lengths,
-        "texts": ["one two", "three", "four five six"][:n],
-        "task": ["asr"] * n,
-        "durations": lengths / 100,
-    }
+    return tiny_batch(n, t, (0, 11, 20))
 
 
 def test_loss_equals_full_logits_loss(tiny_parts):

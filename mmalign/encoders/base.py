@@ -8,15 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Map an encoder's ``dtype`` string to a torch dtype, naming the accepted values on error."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
 
 def valid_mask(lengths: Tensor, size: int) -> Tensor:
     """``[B, size]`` bool mask, True on the first ``lengths[b]`` positions of each row."""

@@ -22,12 +22,12 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from mmalign.dtypes import torch_dtype
 from mmalign.encoders.base import (
     Encoder,
     as_lora_config,
     inject_lora,
     lora_to_dict,
-    torch_dtype,
 )
 
 __all__ = ["CLIPVideoEncoder"]

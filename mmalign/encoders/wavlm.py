@@ -23,12 +23,12 @@ from torch.nn import functional as F
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
+from mmalign.dtypes import torch_dtype
 from mmalign.encoders.base import (
     Encoder,
     as_lora_config,
     inject_lora,
     lora_to_dict,
-    torch_dtype,
     valid_mask,
 )
 

@@ -18,20 +18,14 @@ from transformers import WhisperConfig, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from mmalign import assets
+from mmalign.dtypes import torch_dtype
 from mmalign.encoders.base import Encoder
 from mmalign.encoders.ctranslate2 import is_ct2_whisper_dir, load_ct2_whisper
 
 __all__ = ["WhisperEncoder", "load_hf_whisper_encoder", "whisper_silence"]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Log-mel of an all-zero waveform after Whisper's normalisation: (log10(1e-10) + 4) / 4.
 _EMPTY_SILENCE = -1.5
-
-
-def _torch_dtype(dtype: str) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def load_hf_whisper_encoder(
@@ -96,7 +90,7 @@ class WhisperEncoder(Encoder):
             "dtype": dtype,
             "config": config,
         }
-        self.model = load_hf_whisper_encoder(self.source, _torch_dtype(dtype), config)
+        self.model = load_hf_whisper_encoder(self.source, torch_dtype(dtype), config)
         cfg = self.model.config
         self.dim: int = cfg.d_model
         self.n_mels: int = cfg.num_mel_bins

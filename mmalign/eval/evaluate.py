@@ -38,7 +38,6 @@ from mmalign.eval.metrics import NORMALIZERS, error_rates
 from mmalign.eval.noise import BABBLE, build_noise, mix
 from mmalign.inference.audio import AudioReadError, read_audio
 from mmalign.inference.decode import (
-    DTYPES,
     DecodeOptions,
     add_decoding_arguments,
     decode_options,
@@ -291,13 +290,13 @@ def evaluate(
         log.warning("--noise %s given but every SNR is clean: no noise is added", noise)
     noise = (noise or BABBLE) if noisy else None
 
-    if isinstance(model, SpeechLLM):
-        speech_llm = model.to(device=options.device, dtype=DTYPES[options.dtype]).eval()
-        model_info: dict[str, Any] = {"path": None, "kind": "in-memory", "sha256": None}
-    else:
-        loaded = load_model(model, options.device, options.dtype)
-        speech_llm = loaded.model
-        model_info = {"path": str(loaded.path), "kind": loaded.kind, "sha256": loaded.sha256}
+    loaded = load_model(model, options.device, options.dtype)
+    speech_llm = loaded.model
+    model_info: dict[str, Any] = {
+        "path": str(loaded.path) if loaded.path else None,
+        "kind": loaded.kind,
+        "sha256": loaded.sha256,
+    }
     rate_list = select_rates(speech_llm, rates)  # fail before reading any audio
 
     if isinstance(data, list):

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from mmalign.assets import sha256_file
 from mmalign.data.batching import pack_sorted
 from mmalign.data.collate import collate
 from mmalign.data.features import WhisperFeatures
+from mmalign.dtypes import DTYPES, torch_dtype
 from mmalign.model import SpeechLLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -36,9 +36,9 @@ class LoadedModel:
     """A model ready to decode, with where it came from (for reports)."""
 
     model: SpeechLLM
-    path: Path
-    kind: str  # "checkpoint" or "export"
-    sha256: str
+    path: Path | None  # None for a model passed in memory
+    kind: str  # "checkpoint", "export" or "in-memory"
+    sha256: str | None
 
 
 def model_sha256(path: str | Path) -> str:
@@ -46,30 +46,26 @@ def model_sha256(path: str | Path) -> str:
     (each ``relative/path`` and its own sha256, in path order), so any change shows."""
     path = Path(path)
     if path.is_file():
-        return _file_sha256(path)
+        return sha256_file(path, use_cache=False)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
-        digest.update(f"{rel}\0{_file_sha256(file)}\n".encode())
+        digest.update(f"{rel}\0{sha256_file(file, use_cache=False)}\n".encode())
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load a ``.ckpt`` from ``mmalign fit`` or a directory from ``mmalign export``, in eval mode
-    on ``device`` with floating-point weights cast to ``dtype``."""
+def load_model(
+    path: str | Path | SpeechLLM, device: str = "cpu", dtype: str = "float32"
+) -> LoadedModel:
+    """Load a ``.ckpt`` from ``mmalign fit`` or a directory from ``mmalign export`` (or take a
+    SpeechLLM already in memory), in eval mode on ``device`` with weights cast to ``dtype``."""
     from mmalign.inference.export import CONFIG_NAME, load_checkpoint, load_exported
 
+    if isinstance(path, SpeechLLM):
+        model = path.to(device=device, dtype=torch_dtype(dtype)).eval()
+        return LoadedModel(model, None, "in-memory", None)
     path = Path(path).expanduser()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    torch_dtype(dtype)  # a bad name fails before the slow load
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is a folder without {CONFIG_NAME}: not an export")
@@ -78,7 +74,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
         model, kind = load_checkpoint(path), "checkpoint"
     else:
         raise FileNotFoundError(f"model {path} not found (expected a .ckpt or an export folder)")
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
     return LoadedModel(model, path, kind, model_sha256(path))
 
 
@@ -156,8 +152,7 @@ class DecodeOptions:
             raise ValueError(f"batch_seconds must be positive, got {self.batch_seconds}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        torch_dtype(self.dtype)  # names the accepted values on error
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "greedy": self.num_beams == 1}

@@ -36,7 +36,6 @@ from mmalign.data.collate import DEFAULT_TASK
 from mmalign.inference.audio import AUDIO_EXTENSIONS, audio_duration, find_audio, read_audio
 from mmalign.inference.chunking import Chunk, chunk_bounds, join_chunks
 from mmalign.inference.decode import (
-    DTYPES,
     DecodeOptions,
     add_decoding_arguments,
     decode_options,
@@ -279,10 +278,7 @@ def transcribe(
         raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
     out = Path(out_dir)
     items = collect_inputs(inputs)
-    if isinstance(model, SpeechLLM):
-        speech_llm = model.to(device=options.device, dtype=DTYPES[options.dtype]).eval()
-    else:
-        speech_llm = load_model(model, options.device, options.dtype).model
+    speech_llm = load_model(model, options.device, options.dtype).model
     if rate is not None:
         select_rates(speech_llm, [rate])  # raises for a rate the model lacks
         use_rate(speech_llm, rate)

@@ -19,17 +19,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mmalign.dtypes import torch_dtype
+
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Map a config string to a dtype, naming the accepted values on error."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}") from None
 
 
 def split_source(source: str) -> tuple[str, str | None]:

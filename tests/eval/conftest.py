@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_llm_config, tiny_whisper_config
+from conftest import tiny_model_section
 
 
 def write_fit_config(tmp: Path, tokenizer_dir: Path, shards: Path, steps: int = 1) -> Path:
@@ -31,26 +31,7 @@ def write_fit_config(tmp: Path, tokenizer_dir: Path, shards: Path, steps: int = 
             ],
         },
         "model": {
-            "encoder": {
-                "class_path": "mmalign.encoders.whisper.WhisperEncoder",
-                "init_args": {"source": "random", "config": tiny_whisper_config()},
-            },
-            "projector": {
-                "class_path": "mmalign.projectors.mlp.MLPProjector",
-                "init_args": {"rate": 2, "hidden_dim": 16},
-            },
-            "llm": {
-                "class_path": "mmalign.llm.load.CausalLM",
-                "init_args": {
-                    "source": "random",
-                    "tokenizer": str(tokenizer_dir),
-                    "config": tiny_llm_config(),
-                    "adapter": {
-                        "class_path": "peft.LoraConfig",
-                        "init_args": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
-                    },
-                },
-            },
+            **tiny_model_section(tokenizer_dir, lora_targets=("q_proj",)),
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
         },
         "data": {"train": str(shards), "max_batch_seconds": 4.0},

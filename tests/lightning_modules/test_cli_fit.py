@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_llm_config, tiny_whisper_config
+from conftest import tiny_llm_config, tiny_model_section, tiny_whisper_config
 
 from mmalign.cli import cli_main, main
 
@@ -42,30 +42,7 @@ def write_config(tmp: Path, tokenizer_dir: Path, shards: Path) -> Path:
             ],
         },
         "model": {
-            "encoder": {
-                "class_path": "mmalign.encoders.whisper.WhisperEncoder",
-                "init_args": {"source": "random", "config": tiny_whisper_config()},
-            },
-            "projector": {
-                "class_path": "mmalign.projectors.mlp.MLPProjector",
-                "init_args": {"rate": RATE, "hidden_dim": HIDDEN},
-            },
-            "llm": {
-                "class_path": "mmalign.llm.load.CausalLM",
-                "init_args": {
-                    "source": "random",
-                    "tokenizer": str(tokenizer_dir),
-                    "config": tiny_llm_config(),
-                    "adapter": {
-                        "class_path": "peft.LoraConfig",
-                        "init_args": {
-                            "r": LORA_R,
-                            "lora_alpha": 8,
-                            "target_modules": ["q_proj", "v_proj"],
-                        },
-                    },
-                },
-            },
+            **tiny_model_section(tokenizer_dir, RATE, HIDDEN, LORA_R),
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
             "scheduler": {
                 "class_path": "mmalign.lightning_modules.schedules.WarmupCosine",
