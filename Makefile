@@ -7,9 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmalign-installed
 DEMO   ?= runs/demo
 DEMO_CONFIG ?= configs/demo/whisper-tiny_smollm2-135m.yaml
+AVSR   ?= runs/avsr_demo
+AVSR_CONFIG ?= configs/demo/avsr_whisper-tiny+vit-lips_smollm2-135m.yaml
 APT_PACKAGES := espeak-ng sox ffmpeg
 
-.PHONY: setup system-deps test demo lint format bench clean
+.PHONY: setup system-deps test demo demo-avsr lint format bench clean
 
 setup: $(STAMP) system-deps
 
@@ -51,6 +53,15 @@ demo: setup
 	@echo "== the same with Whisper's English normaliser (each digit string becomes one number) =="
 	$(BIN)/mmalign score $(DEMO)/after/utterances.jsonl --normalizer english
 	@echo "exported model: $(DEMO)/export   metrics: $(DEMO)/before $(DEMO)/after"
+
+# Audio-visual: synthetic lips corpus, one model for ASR/VSR/AVSR, scored under babble noise.
+demo-avsr: setup
+	$(BIN)/mmalign synth $(AVSR)/corpus --video true --kind digits --n_train 2000 --n_val 32 --n_test 100
+	$(BIN)/mmalign prepare $(AVSR)/corpus/train.jsonl $(AVSR)/shards/train
+	$(BIN)/mmalign prepare $(AVSR)/corpus/val.jsonl $(AVSR)/shards/val
+	$(BIN)/mmalign prepare $(AVSR)/corpus/test.jsonl $(AVSR)/shards/test
+	$(BIN)/mmalign fit --config $(AVSR_CONFIG)
+	$(BIN)/mmalign evaluate $(AVSR)/checkpoints/last.ckpt $(AVSR)/shards/test --out $(AVSR)/eval --as-tasks asr vsr avsr --snr clean 5 0 -5 --normalizer basic
 
 bench: setup
 	$(BIN)/python bench/encoder_window.py --threads 1

@@ -1,4 +1,4 @@
-"""SpeechLLM: encoder -> projector -> spliced prompt -> LLM; plain torch, no Lightning needed."""
+"""SpeechLLM: encoders -> projectors -> spliced prompt -> LLM; plain torch, no Lightning needed."""
 
 from __future__ import annotations
 
@@ -16,15 +16,30 @@ from mmalign.llm.lora import activate, active_adapters, add_rate_adapters, check
 from mmalign.llm.prompt import IGNORE_INDEX, PromptBuilder, Spliced, splice
 from mmalign.projectors.base import Projector
 
-Encoded = tuple[torch.Tensor, torch.Tensor]
+Encoded = dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (frames [B, T, D], lengths)
+
+MODALITY_ORDER = ("audio", "video")  # span order in the LLM's sequence
+TASK_MODALITIES: dict[str, tuple[str, ...]] = {
+    "asr": ("audio",),
+    "st": ("audio",),
+    "vsr": ("video",),
+    "avsr": ("audio", "video"),
+}
 
 
 class SpeechLLM(nn.Module):
     """The whole model; training and decoding both go through :meth:`splice_batch`.
 
-    Batch keys used: ``audio_features [B, n_mels, T]``, ``audio_lengths [B]``, ``texts``,
-    ``task`` (list of task names), optionally ``meta`` (per-sample dicts for prompt fields)
-    and ``durations [B]`` (seconds; bounds the number of generated tokens).
+    Batch keys used: each encoder's inputs (``audio_features [B, n_mels, T]`` + ``audio_lengths``,
+    ``video [B, Tv, 1, H, W]`` + ``video_lengths``), ``texts``, ``task`` (list of task names),
+    optionally ``meta`` (per-sample dicts for prompt fields) and ``durations [B]`` (seconds;
+    bounds the number of generated tokens).
+
+    Modalities (the Llama-AVSR layout): ``encoder``/``projector`` form the main branch, of
+    whatever modality the encoder reads; ``video_encoder``/``video_projector`` add a video
+    branch to an audio model. Each sample's task picks the spans it gets (``asr``: audio,
+    ``vsr``: video, ``avsr``: both, audio first; ``task_modalities`` extends the map), so one
+    model serves ASR, VSR and AVSR, and only the encoders some sample needs are run.
 
     A multi-rate projector (``rates`` + ``set_rate``, e.g. ``MatryoshkaProjector``) makes this a
     Matryoshka model: ``lora_strategy`` (see :mod:`mmalign.llm.lora`) lays out its adapters, and
@@ -41,15 +56,36 @@ class SpeechLLM(nn.Module):
         prompts: dict[str, str] | None = None,
         system_prompt: str | None = None,
         lora_strategy: str = "shared",
+        video_encoder: Encoder | None = None,
+        video_projector: Projector | None = None,
+        task_modalities: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
-        if projector.in_dim != encoder.dim or projector.out_dim != llm.hidden_size:
-            raise ValueError(
-                f"projector maps {projector.in_dim}->{projector.out_dim} but the encoder width "
-                f"is {encoder.dim} and the LLM width is {llm.hidden_size}"
-            )
+        _check_widths("projector", projector, encoder, llm)
         self.encoder = encoder
         self.projector = projector
+        self.video_encoder = video_encoder
+        self.video_projector = video_projector
+        if (video_encoder is None) != (video_projector is None):
+            raise ValueError("video_encoder and video_projector come together: give both or none")
+        if video_encoder is not None:
+            _check_widths("video_projector", video_projector, video_encoder, llm)
+            if video_encoder.modality != "video" or encoder.modality != "audio":
+                raise ValueError(
+                    "video_encoder adds a video branch to an audio model: the encoder reads "
+                    f"{encoder.modality!r} and the video_encoder {video_encoder.modality!r}"
+                )
+        unknown = [m for m in (encoder.modality,) if m not in MODALITY_ORDER]
+        if unknown:
+            raise ValueError(f"unknown modality {unknown[0]!r}; known: {MODALITY_ORDER}")
+        self.task_modalities = {
+            **TASK_MODALITIES,
+            **{t: tuple(m) for t, m in (task_modalities or {}).items()},
+        }
+        for task, mods in self.task_modalities.items():
+            bad = [m for m in mods if m not in MODALITY_ORDER]
+            if bad or not mods:
+                raise ValueError(f"task_modalities[{task!r}]={list(mods)}: use {MODALITY_ORDER}")
         self.llm = llm
         self.prompt = PromptBuilder(llm.tokenizer, prompts, system_prompt)
         self.lora_strategy = check_strategy(lora_strategy)
@@ -91,27 +127,59 @@ class SpeechLLM(nn.Module):
     def tokenizer(self):
         return self.llm.tokenizer
 
-    def encode(self, batch: dict[str, Any]) -> Encoded:
-        """Encoder frames ``[B, T, D]`` and lengths; computed once and reused across rates."""
-        return self.encoder.encode_batch(batch)
+    def branches(self) -> dict[str, tuple[Encoder, Projector]]:
+        """Modality -> (encoder, projector), in sequence order."""
+        found = {self.encoder.modality: (self.encoder, self.projector)}
+        if self.video_encoder is not None and self.video_projector is not None:
+            found["video"] = (self.video_encoder, self.video_projector)
+        return {m: found[m] for m in MODALITY_ORDER if m in found}
 
-    def embed_audio(
-        self, batch: dict[str, Any], encoded: Encoded | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder frames -> projected embeddings ``[B, T', H]`` and their lengths."""
-        feats, lengths = encoded if encoded is not None else self.encode(batch)
-        return self.projector(feats, lengths)
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this model reads, in sequence order."""
+        return tuple(self.branches())
+
+    def modalities_of(self, task: str) -> tuple[str, ...]:
+        """The spans a sample of ``task`` gets; a task the model cannot serve is an error."""
+        wanted = self.task_modalities.get(task, self.modalities)
+        missing = [m for m in wanted if m not in self.modalities]
+        if missing:
+            hint = {"audio": "asr", "video": "vsr"}.get(self.modalities[0], "")
+            raise ValueError(
+                f"task {task!r} needs {missing[0]} but this model reads only "
+                f"{list(self.modalities)}; give the data a task it serves (e.g. data.task: {hint})"
+            )
+        return wanted
+
+    def _tasks(self, batch: dict[str, Any]) -> list[str]:
+        return list(batch.get("task") or ["asr"] * len(batch["texts"]))
+
+    def encode(self, batch: dict[str, Any]) -> Encoded:
+        """Frames ``[B, T, D]`` and lengths per modality the batch's tasks need; computed once
+        and reused across compression rates."""
+        needed = {m for t in set(self._tasks(batch)) for m in self.modalities_of(t)}
+        return {
+            m: enc.encode_batch(batch) for m, (enc, _) in self.branches().items() if m in needed
+        }
 
     def _spans(self, batch: dict[str, Any], encoded: Encoded | None = None) -> list[torch.Tensor]:
-        emb, lengths = self.embed_audio(batch, encoded)
-        begin, end = self.projector.begin[None], self.projector.end[None]
-        return [
-            torch.cat([begin.to(emb.dtype), emb[i, : int(n)], end.to(emb.dtype)])
-            for i, n in enumerate(lengths.tolist())
-        ]
+        encoded = encoded if encoded is not None else self.encode(batch)
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for m, (_, projector) in self.branches().items():
+            if m not in encoded:
+                continue
+            emb, lengths = projector(*encoded[m])
+            begin, end = projector.begin[None].to(emb.dtype), projector.end[None].to(emb.dtype)
+            pieces[m] = [
+                torch.cat([begin, emb[i, : int(n)], end]) for i, n in enumerate(lengths.tolist())
+            ]
+        spans = []
+        for i, task in enumerate(self._tasks(batch)):
+            spans.append(torch.cat([pieces[m][i] for m in self.modalities_of(task)]))
+        return spans
 
     def _segments(self, batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
-        tasks = batch.get("task") or ["asr"] * len(batch["texts"])
+        tasks = self._tasks(batch)
         metas = batch.get("meta") or [{}] * len(tasks)
         heads, tails = [], []
         for task, meta in zip(tasks, metas, strict=True):
@@ -211,3 +279,11 @@ class SpeechLLM(nn.Module):
             **generate_kwargs,
         )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def _check_widths(name: str, projector: Projector, encoder: Encoder, llm: CausalLM) -> None:
+    if projector.in_dim != encoder.dim or projector.out_dim != llm.hidden_size:
+        raise ValueError(
+            f"{name} maps {projector.in_dim}->{projector.out_dim} but its encoder's width "
+            f"is {encoder.dim} and the LLM width is {llm.hidden_size}"
+        )

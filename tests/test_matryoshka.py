@@ -70,7 +70,7 @@ def test_rate_changes_llm_input_length_exactly(tokenizer_dir):
     encoder, llm = parts(tokenizer_dir)
     model = SpeechLLM(encoder, MatryoshkaProjector(encoder.dim, llm.hidden_size, rates=RATES), llm)
     b = batch()
-    _, frames = model.encode(b)
+    _, frames = model.encode(b)["audio"]
     overhead = None
     for rate in RATES:
         model.projector.set_rate(rate)  # what `mmalign evaluate` calls

@@ -1,6 +1,7 @@
-"""Collate decoded speech samples into the batch every model in mmalign consumes.
+"""Collate decoded speech (and lip video) samples into the batch every model in mmalign consumes.
 
-Batch schema (B batch size, n_mels mel bins, T mel frames at 100 per second, S samples):
+Batch schema (B batch size, n_mels mel bins, T mel frames at 100 per second, S samples,
+Tv video frames, H x W the video crop):
 
 =====================  =====================  ==================================================
 key                    type / shape           meaning
@@ -18,10 +19,23 @@ key                    type / shape           meaning
 ``meta``               list[dict] (B)         the sample JSON as written by ``prepare``
 ``skipped``            int                    samples this worker dropped as corrupt since its
                                               previous batch (see ``pipeline.SkipCounter``)
+``video``              uint8 [B, Tv, 1, H, W]  grayscale lip frames, zero-padded in time; only
+                                              when the samples carry video (all or none)
+``video_lengths``      int64 [B]              valid video frames per row
+``video_fps``          float32 [B]            frame rate of each row's video
+``snr``                float32 [B]            SNR (dB) of the training noise mixed into each row,
+                                              NaN when clean; only after ``NoiseAugment``
 =====================  =====================  ==================================================
 
+Video clips larger than ``video_crop`` (88 by default, the Auto-AVSR view of 96 x 96 mouth crops)
+are centre-cropped here, so evaluation and inference code that collates decoded samples itself
+sees what training saw after its random crop; all clips of a batch must then have one size.
+Audio of a sample with video has already been cut or padded to whole video frames
+(:func:`mmalign.data.video.align_audio`), so ``durations`` and ``video_lengths / video_fps``
+agree to within a sample.
+
 Later stages (task prompts, tokenisation) add ``prompt_ids``/``target_ids``; this module only
-deals with audio and metadata.
+deals with audio, video and metadata.
 """
 
 from __future__ import annotations
@@ -31,20 +45,84 @@ from typing import Any
 import torch
 
 from mmalign.data.features import WhisperFeatures
+from mmalign.data.video import DEFAULT_VIDEO_FPS
 
 DEFAULT_TASK = "asr"
+DEFAULT_VIDEO_CROP = 88
+
+
+def _crop_to(frames: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Centre-crop each spatial side of ``[T, H, W]`` that is larger than ``size``."""
+    if size is None:
+        return frames
+    height, width = int(frames.shape[-2]), int(frames.shape[-1])
+    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+    return frames[:, top : top + min(height, size), left : left + min(width, size)]
+
+
+def collate_video(
+    samples: list[dict[str, Any]], video_crop: int | None = DEFAULT_VIDEO_CROP
+) -> dict[str, torch.Tensor]:
+    """``video``, ``video_lengths`` and ``video_fps`` of a batch (see the schema), or an empty
+    dict when no sample has video. Raises ValueError naming keys and sizes when only some
+    samples have video or the (cropped) frame sizes differ."""
+    if video_crop is not None and video_crop < 1:
+        raise ValueError(f"collate: video_crop must be a positive int or None, got {video_crop}")
+    has = [s.get("video") is not None for s in samples]
+    if not any(has):
+        return {}
+    keys = [str(s.get("__key__", i)) for i, s in enumerate(samples)]
+    if not all(has):
+        missing = [k for k, h in zip(keys, has, strict=True) if not h]
+        raise ValueError(
+            f"collate: {len(missing)} of {len(samples)} samples have no video ({missing[:3]}); "
+            "a batch is all video or none (require_video=True drops the others)"
+        )
+    clips = []
+    for key, sample in zip(keys, samples, strict=True):
+        frames = sample["video"]
+        if frames.dim() != 3 or frames.dtype != torch.uint8:
+            raise ValueError(
+                f"collate: video of {key} must be uint8 [T, H, W], got "
+                f"{frames.dtype} {tuple(frames.shape)}"
+            )
+        clips.append(_crop_to(frames, video_crop))
+    sizes = {tuple(c.shape[1:]) for c in clips}
+    if len(sizes) > 1:
+        by_key = {k: f"{c.shape[2]}x{c.shape[1]}" for k, c in zip(keys, clips, strict=True)}
+        raise ValueError(
+            f"collate: video frame sizes differ after video_crop={video_crop}: {by_key}"
+        )
+    lengths = torch.tensor([c.shape[0] for c in clips], dtype=torch.long)
+    (height, width) = sizes.pop()
+    video = torch.zeros(len(clips), int(lengths.max()), 1, height, width, dtype=torch.uint8)
+    for row, clip in enumerate(clips):
+        video[row, : clip.shape[0], 0] = clip
+    fps = [float(s.get("video_fps") or DEFAULT_VIDEO_FPS) for s in samples]
+    return {
+        "video": video,
+        "video_lengths": lengths,
+        "video_fps": torch.tensor(fps, dtype=torch.float32),
+    }
 
 
 def collate(
-    samples: list[dict[str, Any]], features: WhisperFeatures, keep_waveform: bool = False
+    samples: list[dict[str, Any]],
+    features: WhisperFeatures,
+    keep_waveform: bool = False,
+    *,
+    video_crop: int | None = DEFAULT_VIDEO_CROP,
 ) -> dict[str, Any]:
     """Build a batch (schema in the module docstring) from decoded samples.
 
     Each sample needs ``audio`` (1-D float tensor at ``features.sample_rate``) and ``text``;
-    ``__key__``, ``duration``, ``task`` and ``meta`` are used when present.
+    ``__key__``, ``duration``, ``task``, ``meta``, ``video`` (uint8 ``[T, H, W]``),
+    ``video_fps`` and ``snr`` are used when present. ``video_crop`` centre-crops larger clips
+    (None: no crop, clips must share a size).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
+    video = collate_video(samples, video_crop)
     waves = [s["audio"] for s in samples]
     feats, frames = features(waves)
     metas = [dict(s.get("meta") or {}) for s in samples]
@@ -72,15 +150,27 @@ def collate(
             audio[row, : wave.numel()] = wave.to(torch.float32)
         batch["audio"] = audio
         batch["audio_sample_lengths"] = lengths
+    batch.update(video)
+    if any("snr" in s for s in samples):
+        snrs = [s.get("snr") for s in samples]
+        batch["snr"] = torch.tensor(
+            [float("nan") if v is None else float(v) for v in snrs], dtype=torch.float32
+        )
     return batch
 
 
 class Collator:
     """Picklable ``collate`` with its settings bound, for use as a pipeline stage in workers."""
 
-    def __init__(self, features: WhisperFeatures, keep_waveform: bool = False) -> None:
+    def __init__(
+        self,
+        features: WhisperFeatures,
+        keep_waveform: bool = False,
+        video_crop: int | None = DEFAULT_VIDEO_CROP,
+    ) -> None:
         self.features = features
         self.keep_waveform = keep_waveform
+        self.video_crop = video_crop
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples, self.features, self.keep_waveform)
+        return collate(samples, self.features, self.keep_waveform, video_crop=self.video_crop)

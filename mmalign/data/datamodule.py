@@ -11,17 +11,25 @@ samples gives every rank the same number of steps, which DDP needs: duration bat
 otherwise give ranks different step counts and hang the gradient all-reduce. Without a sample
 count (a glob with no ``index.json`` beside it and no ``epoch_size``) an epoch is one pass.
 Validation, test and predict make one deterministic pass, each sample exactly once.
+
+Lip video in the shards (``prepare`` with a ``video`` column) comes out as ``video`` batches:
+training clips get a random ``video_crop`` window, flips and optional time masks; the other
+splits the centre crop, the view evaluation and transcription take too. Training audio can get
+noise mixed in at SNRs drawn from ``noise_snrs`` (babble from the batch itself, or noise files);
+the other splits are always clean.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from webdataset.utils import pytorch_worker_info
 
+from mmalign.data.augment import NoiseAugment, parse_snr
 from mmalign.data.batching import estimate_num_batches
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.pipeline import (
@@ -32,6 +40,8 @@ from mmalign.data.pipeline import (
     make_loader,
     resolve_shards,
 )
+from mmalign.data.video import VideoTransform
+from mmalign.eval.noise import BABBLE
 
 SPLITS = ("train", "val", "test", "predict")
 _REQUIRED = {  # val is optional when fitting
@@ -60,6 +70,20 @@ class ShardDataModule(L.LightningDataModule):
         seed: Seed of every shuffle; each epoch, rank and worker derives its own from it.
         epoch_size: Training samples per epoch (all ranks together); default: the index's count.
         keep_waveform: Also put padded waveforms in batches (``audio``), for waveform encoders.
+        video_crop: Side of the square lip crop (88 for 96 x 96 mouth regions): random in
+            training, central elsewhere; None keeps whole frames. Smaller clips are skipped.
+        video_flip: Probability of flipping a training clip horizontally.
+        video_time_masks: Runs of training frames replaced by the clip's mean (0: none).
+        video_time_mask_frames: Longest such run, in frames.
+        require_video: Drop samples without video (for video or audio-visual models).
+        noise_snrs: Training noise: SNRs in dB drawn per sample, ``null`` meaning clean (e.g.
+            ``[null, 10, 5, 0, -5]``); None turns noise augmentation off.
+        noise_source: ``babble`` (other utterances of the batch), a folder of audio files, an
+            audio file, or shards.
+        noise_prob: Probability that a training sample gets an SNR drawn at all.
+        babble_speakers: Utterances summed into one babble.
+        task: Replaces every sample's task in every split (e.g. ``vsr`` to train a video-only
+            model on an audio-visual corpus); None keeps the shards' own.
     """
 
     def __init__(
@@ -78,9 +102,30 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         epoch_size: int | None = None,
         keep_waveform: bool = False,
+        video_crop: int | None = 88,
+        video_flip: float = 0.5,
+        video_time_masks: int = 0,
+        video_time_mask_frames: int = 10,
+        require_video: bool = False,
+        noise_snrs: list[float | None] | None = None,
+        noise_source: str = "babble",
+        noise_prob: float = 1.0,
+        babble_speakers: int = 3,
+        task: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_settings(
+            video_crop=video_crop,
+            video_flip=video_flip,
+            video_time_masks=video_time_masks,
+            video_time_mask_frames=video_time_mask_frames,
+            noise_snrs=noise_snrs,
+            noise_source=noise_source,
+            noise_prob=noise_prob,
+            babble_speakers=babble_speakers,
+            task=task,
+        )
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
@@ -92,6 +137,29 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.epoch_size = epoch_size
         self.keep_waveform = keep_waveform
+        self.video_crop = video_crop
+        self.require_video = require_video
+        self.task = task
+        self.train_video = VideoTransform(
+            train=True,
+            crop=video_crop,
+            flip_prob=video_flip,
+            time_masks=video_time_masks,
+            time_mask_frames=video_time_mask_frames,
+        )
+        self.eval_video = VideoTransform(train=False, crop=video_crop)
+        self.noise = (
+            None
+            if noise_snrs is None
+            else NoiseAugment(
+                noise_snrs,
+                source=noise_source,
+                prob=noise_prob,
+                babble_speakers=babble_speakers,
+                seed=seed,
+                sample_rate=sample_rate,
+            )
+        )
         self.features = WhisperFeatures(n_mels=n_mels, sample_rate=sample_rate)
         # Resolve now so that a wrong path fails before any model is built.
         self.shard_sets: dict[str, ShardSet] = {}
@@ -152,6 +220,11 @@ class ShardDataModule(L.LightningDataModule):
         """Corrupt samples dropped so far, per split read (all epochs, all workers of this rank)."""
         return {split: pipe.counter.total for split, pipe in self._pipelines.items()}
 
+    @property
+    def skipped_by_reason(self) -> dict[str, dict[str, int]]:
+        """Dropped samples per split and reason (``undecodable video``, ``missing video`` ...)."""
+        return {split: pipe.counter.totals_by_reason() for split, pipe in self._pipelines.items()}
+
     def train_batches_per_worker(self, world_size: int | None = None) -> int | None:
         """Batches each worker yields per training epoch; None means one pass per epoch."""
         shard_set = self.shard_sets.get("train")
@@ -186,6 +259,11 @@ class ShardDataModule(L.LightningDataModule):
                 seed=self.seed,
                 keep_waveform=self.keep_waveform,
                 batches_per_worker=self.train_batches_per_worker() if train else None,
+                video_transform=self.train_video if train else self.eval_video,
+                video_crop=self.video_crop,
+                noise=self.noise if train else None,
+                require_video=self.require_video,
+                task=self.task,
             )
             if train:
                 pipe.set_epoch(self._train_epoch)
@@ -208,3 +286,60 @@ class ShardDataModule(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_world_size()
         return max(1, pytorch_worker_info()[1])
+
+
+def _check_settings(
+    *,
+    video_crop: Any,
+    video_flip: Any,
+    video_time_masks: Any,
+    video_time_mask_frames: Any,
+    noise_snrs: Any,
+    noise_source: Any,
+    noise_prob: Any,
+    babble_speakers: Any,
+    task: Any,
+) -> None:
+    """Fail at start-up, naming the argument, rather than in a DataLoader worker mid-epoch."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_prob(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+    problems = []
+    if video_crop is not None and not (is_int(video_crop) and video_crop >= 1):
+        problems.append(f"video_crop={video_crop!r} must be a positive int or None")
+    if not is_prob(video_flip):
+        problems.append(f"video_flip={video_flip!r} must be a probability in [0, 1]")
+    if not (is_int(video_time_masks) and video_time_masks >= 0):
+        problems.append(f"video_time_masks={video_time_masks!r} must be an int >= 0")
+    if not (is_int(video_time_mask_frames) and video_time_mask_frames >= 1):
+        problems.append(f"video_time_mask_frames={video_time_mask_frames!r} must be an int >= 1")
+    if noise_snrs is not None:
+        if isinstance(noise_snrs, (str, bytes)) or not isinstance(noise_snrs, (list, tuple)):
+            problems.append(f"noise_snrs={noise_snrs!r} must be a list of dB values or null")
+        elif not noise_snrs:
+            problems.append("noise_snrs=[] is empty; use null to turn noise off")
+        else:
+            for value in noise_snrs:
+                try:
+                    parse_snr(value)
+                except ValueError as exn:
+                    problems.append(f"noise_snrs={list(noise_snrs)!r}: {exn}")
+                    break
+        if noise_source != BABBLE and not (
+            isinstance(noise_source, str) and Path(noise_source).expanduser().exists()
+        ):
+            problems.append(
+                f"noise_source={noise_source!r} must be 'babble' or an existing file or folder"
+            )
+    if not is_prob(noise_prob):
+        problems.append(f"noise_prob={noise_prob!r} must be a probability in [0, 1]")
+    if not (is_int(babble_speakers) and babble_speakers >= 1):
+        problems.append(f"babble_speakers={babble_speakers!r} must be an int >= 1")
+    if task is not None and (not isinstance(task, str) or not task.strip() or " " in task):
+        problems.append(f"task={task!r} must be a task name such as 'asr', 'vsr' or 'avsr'")
+    if problems:
+        raise ValueError("ShardDataModule: " + "; ".join(problems))

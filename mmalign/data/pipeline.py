@@ -4,25 +4,34 @@ Stages of :func:`build_pipeline` (all run inside DataLoader workers)::
 
     shards ── shuffle (train; same seed on all ranks/workers) ── split_by_node ── split_by_worker
       ── tar members → samples ── [sample-level split, see below] ── shuffle buffer (train)
-      ── decode (FLAC → float32 mono at the target rate, JSON) ── DurationBatcher ── collate
+      ── decode (FLAC → float32 mono at the target rate, JSON; video → uint8 [T, H, W] and the
+         audio cut/padded to whole video frames) ── video transform (train: random crop, flip,
+         time masks; eval: centre crop) ── DurationBatcher ── noise augmentation (train) ── collate
+
+*Video.* A sample may carry lip video as a ``.npy`` member (uint8 ``T x H x W``, what ``prepare``
+writes) or a container (``mp4`` ...; decoded with torchcodec). Its rate is the JSON's
+``video_fps``, else the container's, else 25. With ``require_video`` samples without video are
+dropped ("missing video"), so an audio-visual model never sees a batch it cannot use; a batch
+mixing samples with and without video fails in collate and is dropped as a whole.
 
 *Seeds.* Shard order uses ``seed`` and the epoch only, so every rank and worker permutes the shard
-list identically before taking its slice. The sample buffer and batch order also mix in rank and
-worker. The epoch is counted in the main process by :class:`ShardLoader` (each ``iter()`` is one
-epoch) and reaches workers because they receive a fresh copy of the pipeline every epoch; each
-stage also counts its own passes, so repeated passes inside one epoch and persistent workers
-still differ.
+list identically before taking its slice. The sample buffer, batch order, video augmentation and
+noise augmentation also mix in rank and worker. The epoch is counted in the main process by
+:class:`ShardLoader` (each ``iter()`` is one epoch) and reaches workers because they receive a
+fresh copy of the pipeline every epoch; each stage also counts its own passes, so repeated passes
+inside one epoch and persistent workers still differ.
 
 *Few shards.* With fewer shards than ``world_size x num_workers`` slots, splitting shards would
 leave some workers (or ranks) idle, so every slot reads all shards and keeps every k-th sample.
 
-*Corrupt data never stops an epoch.* Undecodable audio, bad JSON and missing fields are skipped;
-each skip logs a warning naming the shard URL and key and is counted by the pipeline's
-:class:`SkipCounter`. DataLoader workers are other processes, so the counter keeps its total in
-shared memory (a ``multiprocessing.RawArray`` with one slot per worker, created in the main
-process and inherited by the workers): the data module reads an exact total at any time
-(``ShardDataModule.skipped``), including drops after a worker's last batch or in a worker that
-yields no batch at all. For per-step logging each batch
+*Corrupt data never stops an epoch.* Undecodable audio or video, bad JSON, missing fields and clips
+smaller than the video crop are skipped; each skip logs a warning naming the shard URL and key and
+is counted by the pipeline's :class:`SkipCounter`, in total and per reason (the text before the
+first colon, e.g. ``undecodable video``). DataLoader workers are other processes, so the counter
+keeps its counts in shared memory (a ``multiprocessing.RawArray`` with one slot per worker,
+created in the main process and inherited by the workers): the data module reads exact totals at
+any time (``ShardDataModule.skipped``, ``skipped_by_reason``), including drops after a worker's
+last batch or in a worker that yields no batch at all. For per-step logging each batch
 also carries ``skipped``, the drops its worker saw since that worker's previous batch (deltas, so
 a consumer simply sums them, e.g. ``self.log(..., reduce_fx="sum")``).
 """
@@ -49,14 +58,45 @@ from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
+from mmalign.data.augment import NoiseAugment
 from mmalign.data.batching import DurationBatcher
-from mmalign.data.collate import DEFAULT_TASK, Collator
+from mmalign.data.collate import DEFAULT_TASK, DEFAULT_VIDEO_CROP, Collator
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.shards import INDEX_NAME, read_index, to_mono_rate
+from mmalign.data.video import DEFAULT_VIDEO_FPS, VideoTransform, align_audio, decode_video
 
 log = logging.getLogger(__name__)
 
 AUDIO_KEYS = ("flac", "wav", "ogg", "mp3", "opus")
+VIDEO_KEYS = (
+    "npy",
+    "video.npy",
+    "mp4",
+    "video.mp4",
+    "mkv",
+    "webm",
+    "mov",
+    "avi",
+)
+"""Tar member extensions read as video, first match wins (``prepare`` writes ``npy``)."""
+
+SKIP_REASONS = (
+    "missing json",
+    "bad json",
+    "missing text",
+    "missing audio",
+    "undecodable audio",
+    "empty audio",
+    "missing video",
+    "undecodable video",
+    "video smaller than crop",
+    "bad video",
+    "unreadable shard data",
+    "collate failed",
+    "other",
+)
+"""Reasons counted across worker processes (:meth:`SkipCounter.totals_by_reason`); the rest are
+counted as ``other`` there (and under their own name in the per-process ``by_reason``)."""
 
 
 class SampleError(ValueError):
@@ -67,7 +107,8 @@ class SkipCounter:
     """Counts and logs samples dropped by a pipeline, across DataLoader worker processes.
 
     ``total`` sums a shared-memory array that every copy made when workers start (fork or spawn)
-    writes into, one slot per worker (slot 0: the main process), so no lock is needed.
+    writes into, one slot per worker (slot 0: the main process), so no lock is needed;
+    :meth:`totals_by_reason` does the same per reason (:data:`SKIP_REASONS`).
     ``by_reason`` is this process's own breakdown; :meth:`take` hands out the drops not yet put
     into a batch. A copy pickled outside process start (``copy.deepcopy``) counts on its own.
     """
@@ -78,7 +119,9 @@ class SkipCounter:
         self.by_reason: Counter[str] = Counter()
         self._unreported = 0
         self._local_total = 0
+        self._local_reasons: Counter[str] = Counter()
         self._shared: Any = multiprocessing.RawArray("q", self.SLOTS)
+        self._shared_reasons: Any = multiprocessing.RawArray("q", self.SLOTS * len(SKIP_REASONS))
 
     @property
     def total(self) -> int:
@@ -87,14 +130,30 @@ class SkipCounter:
             return self._local_total
         return int(sum(self._shared))
 
+    def totals_by_reason(self) -> dict[str, int]:
+        """Drops per reason counted by all processes sharing this counter (nonzero ones)."""
+        if self._shared_reasons is None:
+            return dict(self._local_reasons)
+        n = len(SKIP_REASONS)
+        sums = [0] * n
+        values = self._shared_reasons[:]
+        for slot in range(self.SLOTS):
+            row = values[slot * n : (slot + 1) * n]
+            if any(row):
+                sums = [a + b for a, b in zip(sums, row, strict=True)]
+        return {r: int(v) for r, v in zip(SKIP_REASONS, sums, strict=True) if v}
+
     def _count(self, reason: str) -> None:
         self.by_reason[reason] += 1
         self._unreported += 1
         self._local_total += 1
+        known = reason if reason in SKIP_REASONS else "other"
+        self._local_reasons[known] += 1
         if self._shared is not None:
             info = torch.utils.data.get_worker_info()
             slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
             self._shared[slot] += 1
+            self._shared_reasons[slot * len(SKIP_REASONS) + SKIP_REASONS.index(known)] += 1
 
     def skip(self, reason: str, *, url: str | None = None, key: str | None = None) -> None:
         """Record one dropped sample and log where it came from."""
@@ -117,7 +176,9 @@ class SkipCounter:
         state = self.__dict__.copy()
         if get_spawning_popen() is None:  # shared memory only travels to new processes
             state["_shared"] = None
+            state["_shared_reasons"] = None
             state["_local_total"] = self.total
+            state["_local_reasons"] = Counter(self.totals_by_reason())
         return state
 
 
@@ -209,8 +270,33 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     return ShardSet(text, urls, samples, seconds)
 
 
-def decode_sample(raw: dict[str, Any], sample_rate: int = 16000) -> dict[str, Any]:
-    """Raw tar sample (bytes per extension) to a decoded sample; raises :class:`SampleError`."""
+def _decode_video_member(
+    raw: dict[str, Any], meta: dict[str, Any]
+) -> tuple[torch.Tensor, float] | None:
+    """(frames uint8 [T, H, W], fps) of the sample's video member, None when it has none."""
+    video_key = next((k for k in VIDEO_KEYS if raw.get(k) is not None), None)
+    if video_key is None:
+        return None
+    try:
+        frames, found_fps = decode_video(raw[video_key], video_key)
+    except Exception as exn:  # decode_video says what is wrong; torchcodec may raise anything
+        raise SampleError(f"undecodable video: .{video_key} member: {exn}") from exn
+    fps = meta.get("video_fps")
+    if fps is None:
+        fps = found_fps or DEFAULT_VIDEO_FPS
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+        raise SampleError(f"undecodable video: bad video_fps {fps!r} in json")
+    return frames, float(fps)
+
+
+def decode_sample(
+    raw: dict[str, Any], sample_rate: int = 16000, *, require_video: bool = False
+) -> dict[str, Any]:
+    """Raw tar sample (bytes per extension) to a decoded sample; raises :class:`SampleError`.
+
+    A video member adds ``video`` (uint8 ``[T, H, W]``) and ``video_fps``, and the audio is cut
+    or zero-padded to the video's whole frames; ``require_video`` rejects samples without one.
+    """
     if raw.get("json") is None:
         raise SampleError("missing json")
     try:
@@ -232,15 +318,23 @@ def decode_sample(raw: dict[str, Any], sample_rate: int = 16000) -> dict[str, An
     wave = to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
     if wave.numel() == 0:
         raise SampleError("empty audio")
-    return {
+    video = _decode_video_member(raw, meta)
+    if video is None and require_video:
+        raise SampleError("missing video")
+    sample: dict[str, Any] = {
         "__key__": raw.get("__key__"),
         "__url__": raw.get("__url__"),
-        "audio": wave,
         "text": text,
         "task": str(meta.get("task") or DEFAULT_TASK),
-        "duration": wave.numel() / sample_rate,
         "meta": meta,
     }
+    if video is not None:
+        frames, fps = video
+        wave = align_audio(wave, int(frames.shape[0]), fps, sample_rate)
+        sample["video"], sample["video_fps"] = frames, fps
+    sample["audio"] = wave
+    sample["duration"] = wave.numel() / sample_rate
+    return sample
 
 
 class EpochState:
@@ -318,19 +412,67 @@ class _SeededShuffle(wds.PipelineStage):
 
 
 class _Decode(wds.PipelineStage):
-    """Decode samples, dropping (and counting) the ones that fail."""
+    """Decode samples, dropping (and counting) the ones that fail; ``task`` overrides theirs."""
 
-    def __init__(self, sample_rate: int, counter: SkipCounter) -> None:
+    def __init__(
+        self,
+        sample_rate: int,
+        counter: SkipCounter,
+        require_video: bool = False,
+        task: str | None = None,
+    ) -> None:
         self.sample_rate, self.counter = sample_rate, counter
+        self.require_video, self.task = require_video, task
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for raw in src:
             try:
-                sample = decode_sample(raw, self.sample_rate)
+                sample = decode_sample(raw, self.sample_rate, require_video=self.require_video)
             except Exception as exn:
                 self.counter.skip(str(exn), url=raw.get("__url__"), key=raw.get("__key__"))
                 continue
+            if self.task is not None:
+                sample["task"] = self.task
             yield sample
+
+
+class _VideoAugment(wds.PipelineStage):
+    """Per-clip :class:`VideoTransform`, seeded per epoch, pass, rank and worker; clips it
+    rejects (smaller than the crop) are skipped and counted."""
+
+    def __init__(
+        self, transform: VideoTransform, seed: int, seed_parts: _SeedParts, counter: SkipCounter
+    ) -> None:
+        self.transform, self.seed, self.seed_parts = transform, seed, seed_parts
+        self.counter = counter
+        self.runs = 0
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"video-{self.seed}-{self.runs}-{self.seed_parts()}")
+        self.runs += 1
+        for sample in src:
+            if sample.get("video") is not None:
+                try:
+                    sample["video"] = self.transform(sample["video"], rng)
+                except Exception as exn:  # never stop an epoch for one clip
+                    reason = str(exn) if "smaller than crop" in str(exn) else f"bad video: {exn}"
+                    self.counter.skip(reason, url=sample["__url__"], key=sample["__key__"])
+                    continue
+            yield sample
+
+
+class _NoiseStage(wds.PipelineStage):
+    """Batch-level :class:`NoiseAugment` (babble needs the batch), seeded like the others."""
+
+    def __init__(self, noise: NoiseAugment, seed: int, seed_parts: _SeedParts) -> None:
+        self.noise, self.seed, self.seed_parts = noise, seed, seed_parts
+        self.runs = 0
+
+    def run(self, src: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        rng = random.Random(f"noise-{self.seed}-{self.runs}-{self.seed_parts()}")
+        self.runs += 1
+        for samples in src:
+            yield self.noise(samples, rng)
 
 
 class _Collate(wds.PipelineStage):
@@ -376,10 +518,21 @@ def build_pipeline(
     seed: int = 0,
     keep_waveform: bool = False,
     batches_per_worker: int | None = None,
+    video_transform: VideoTransform | None = None,
+    video_crop: int | None = DEFAULT_VIDEO_CROP,
+    noise: NoiseAugment | None = None,
+    require_video: bool = False,
+    task: str | None = None,
 ) -> ShardPipeline:
     """The batch stream over ``urls``. ``train`` shuffles shards, samples and batch order;
     otherwise one deterministic pass. ``batches_per_worker`` makes the stream endless (shards are
-    re-read, reshuffled) and cuts each epoch after that many batches per worker."""
+    re-read, reshuffled) and cuts each epoch after that many batches per worker.
+
+    ``video_transform`` runs on every clip after decoding (a training transform draws from a
+    seeded generator); ``video_crop`` is collate's centre crop of clips still larger than it.
+    ``noise`` mixes noise into each batch before collate, in training only (ignored otherwise).
+    ``require_video`` drops samples without video; ``task`` replaces every sample's task.
+    """
     if not urls:
         raise ValueError("build_pipeline needs at least one shard URL")
     counter, state = SkipCounter(), EpochState()
@@ -391,8 +544,10 @@ def build_pipeline(
     ]
     if train and shuffle_buffer > 1:
         stages.append(_SeededShuffle(shuffle_buffer, seed, parts))
-    stages += [
-        _Decode(features.sample_rate, counter),
+    stages.append(_Decode(features.sample_rate, counter, require_video, task))
+    if video_transform is not None:
+        stages.append(_VideoAugment(video_transform, seed, parts, counter))
+    stages.append(
         DurationBatcher(
             max_batch_seconds,
             max_batch_size,
@@ -400,9 +555,11 @@ def build_pipeline(
             shuffle=train,
             seed=seed,
             seed_parts=parts,
-        ),
-        _Collate(Collator(features, keep_waveform), counter),
-    ]
+        )
+    )
+    if train and noise is not None and noise.enabled:
+        stages.append(_NoiseStage(noise, seed, parts))
+    stages.append(_Collate(Collator(features, keep_waveform, video_crop), counter))
     pipeline = ShardPipeline(*stages, counter=counter, state=state)
     if batches_per_worker is not None:
         pipeline = pipeline.with_epoch(nbatches=max(1, int(batches_per_worker)))

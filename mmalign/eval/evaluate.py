@@ -36,7 +36,7 @@ from mmalign.data.collate import DEFAULT_TASK
 from mmalign.data.pipeline import SampleError, decode_sample, resolve_shards
 from mmalign.eval.metrics import NORMALIZERS, error_rates
 from mmalign.eval.noise import BABBLE, build_noise, mix
-from mmalign.inference.audio import AudioReadError, read_audio
+from mmalign.inference.audio import AudioReadError, read_audio, read_video, with_video
 from mmalign.inference.decode import (
     DecodeOptions,
     add_decoding_arguments,
@@ -123,15 +123,9 @@ def read_manifest_samples(
                     raise ValueError("missing 'audio' path")
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError("missing 'text'")
-                path = Path(audio).expanduser()
-                path = path if path.is_absolute() else manifest.parent / path
+                path = _resolve(manifest, audio)
                 wave = read_audio(path, sample_rate)
-            except (ValueError, AudioReadError) as exn:
-                log.warning("skipping %s: %s", where, exn)
-                skipped.append(f"{where}: {exn}")
-                continue
-            samples.append(
-                {
+                sample = {
                     "__key__": str(obj.get("key", obj.get("id", Path(audio).with_suffix("")))),
                     "audio": wave,
                     "text": text,
@@ -139,10 +133,22 @@ def read_manifest_samples(
                     "duration": wave.numel() / sample_rate,
                     "meta": obj,
                 }
-            )
+                if obj.get("video"):
+                    frames, fps = read_video(_resolve(manifest, obj["video"]), obj.get("video_fps"))
+                    sample = with_video(sample, frames, fps, sample_rate)
+            except (ValueError, AudioReadError) as exn:
+                log.warning("skipping %s: %s", where, exn)
+                skipped.append(f"{where}: {exn}")
+                continue
+            samples.append(sample)
             if limit is not None and len(samples) >= limit:
                 break
     return samples, skipped
+
+
+def _resolve(manifest: Path, name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else manifest.parent / path
 
 
 def read_samples(
@@ -270,6 +276,7 @@ def evaluate(
     babble_speakers: int = 3,
     seed: int = 0,
     tasks: Sequence[str] | None = None,
+    as_tasks: Sequence[str] | None = None,
     limit: int | None = None,
     options: DecodeOptions | None = None,
     progress: bool = True,
@@ -279,7 +286,9 @@ def evaluate(
 
     ``model`` is a ``.ckpt``, an export directory or a :class:`SpeechLLM`; ``data`` a manifest,
     a shard spec or a list of decoded samples. ``noise`` defaults to ``babble`` when any SNR
-    is a number.
+    is a number. ``tasks`` keeps only samples of those tasks; ``as_tasks`` then decodes every
+    sample as each of those tasks instead of its own (e.g. ``asr vsr avsr`` on audio-visual
+    data scores one model with audio only, video only and both).
     """
     options = options or DecodeOptions()
     if normalizer not in NORMALIZERS:
@@ -316,10 +325,15 @@ def evaluate(
     for i, s in enumerate(samples):
         if s.get("__key__") is None:
             s["__key__"] = str(i)
+        s["noise_index"] = i  # babble never mixes in the utterance itself, whatever the task
+    waves = [s["audio"] for s in samples]
+    if as_tasks:
+        for task in as_tasks:
+            speech_llm.modalities_of(task)  # a task the model cannot serve fails here
+        samples = [{**s, "task": t} for t in dict.fromkeys(as_tasks) for s in samples]
     task_names = sorted({s["task"] for s in samples})
 
     features = features_for(speech_llm)
-    waves = [s["audio"] for s in samples]
     noise_source = (
         build_noise(noise, waves, babble_speakers, seed, features.sample_rate) if noise else None
     )
@@ -342,11 +356,13 @@ def evaluate(
                         **s,
                         "audio": mix(
                             s["audio"],
-                            noise_source.noise_for(str(s["__key__"]), i, s["audio"].numel()),
+                            noise_source.noise_for(
+                                str(s["__key__"]), s["noise_index"], s["audio"].numel()
+                            ),
                             snr,
                         ),
                     }
-                    for i, s in enumerate(samples)
+                    for s in samples
                 ]
             start = time.perf_counter()
             hyps = decode_samples(
@@ -401,8 +417,8 @@ def evaluate(
         "model": {**model_info, "description": _describe(speech_llm)},
         "data": {
             "spec": data_spec,
-            "utterances": len(samples),
-            "audio_seconds": round(sum(float(s["duration"]) for s in samples), 3),
+            "utterances": len(waves),
+            "audio_seconds": round(sum(w.numel() for w in waves) / features.sample_rate, 3),
             "tasks": {t: sum(s["task"] == t for s in samples) for t in task_names},
             "skipped": skipped,
         },
@@ -459,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--babble-speakers", type=int, default=3, help="utterances per babble")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     parser.add_argument("--tasks", nargs="+", help="only these tasks (default: all present)")
+    parser.add_argument(
+        "--as-tasks",
+        nargs="+",
+        help="decode every sample as each of these tasks (e.g. asr vsr avsr on audio-visual data)",
+    )
     parser.add_argument("--limit", type=int, help="first N usable utterances only")
     add_decoding_arguments(parser, batch_size=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -480,6 +501,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
             babble_speakers=args.babble_speakers,
             seed=args.seed,
             tasks=args.tasks,
+            as_tasks=args.as_tasks,
             limit=args.limit,
             options=decode_options(args),
             progress=not args.no_progress,

@@ -86,3 +86,34 @@ def find_audio(folder: str | Path) -> list[Path]:
     return sorted(
         p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
     )
+
+
+VIDEO_EXTENSIONS = (".npy", ".mp4", ".mkv", ".mov", ".webm", ".avi")
+"""Files read as mouth-region video: ``.npy`` uint8 ``T x H x W`` arrays or containers."""
+
+
+def read_video(path: str | Path, fps: float | None = None) -> tuple[torch.Tensor, float]:
+    """Grayscale uint8 frames ``[T, H, W]`` and their rate (the container's, else ``fps``,
+    else 25). Raises :class:`AudioReadError` naming the file."""
+    from mmalign.data.video import decode_video
+
+    path = Path(path)
+    try:
+        frames, found = decode_video(path.read_bytes(), path.suffix.lstrip(".").lower())
+    except Exception as exn:
+        raise AudioReadError(f"{path}: cannot decode video ({exn})") from exn
+    return frames, float(fps or found or 25.0)
+
+
+def with_video(sample: dict, frames: torch.Tensor, fps: float, sample_rate: int = 16000) -> dict:
+    """``sample`` with its video, and its audio cut or padded to whole video frames."""
+    from mmalign.data.video import align_audio
+
+    audio = align_audio(sample["audio"], int(frames.shape[0]), fps, sample_rate)
+    return {
+        **sample,
+        "audio": audio,
+        "video": frames,
+        "video_fps": fps,
+        "duration": audio.numel() / sample_rate,
+    }

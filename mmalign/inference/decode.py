@@ -124,6 +124,11 @@ def needs_waveform(model: SpeechLLM) -> bool:
     return "audio" in keys
 
 
+def default_task(model: SpeechLLM) -> str:
+    """The task a model serves with every input it reads: ``asr``, ``vsr`` or ``avsr``."""
+    return {("video",): "vsr", ("audio", "video"): "avsr"}.get(model.modalities, "asr")
+
+
 def features_for(model: SpeechLLM, sample_rate: int = 16000) -> WhisperFeatures:
     """Log-mel extractor matching the encoder's mel bins (80 unless it says otherwise)."""
     n_mels = int(getattr(model.encoder, "n_mels", 80))
@@ -144,6 +149,7 @@ class DecodeOptions:
     batch_size: int | None = 16
     device: str = "cpu"
     dtype: str = "float32"
+    video_crop: int | None = 88
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -192,7 +198,12 @@ def decode_samples(
     keep_waveform = needs_waveform(model)
     out: list[str | None] = [None] * len(samples)
     for indices in length_sorted_batches(samples, options.batch_seconds, options.batch_size):
-        batch = collate([samples[i] for i in indices], features, keep_waveform=keep_waveform)
+        batch = collate(
+            [samples[i] for i in indices],
+            features,
+            keep_waveform=keep_waveform,
+            video_crop=options.video_crop,
+        )
         texts = model.generate(
             to_device(batch, options.device),
             max_new_tokens=options.max_new_tokens,
@@ -221,6 +232,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int) -> 
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES), help="weights' floating-point type"
     )
+    parser.add_argument(
+        "--video-crop", type=int, default=88, help="centre crop of video frames (as in training)"
+    )
 
 
 def decode_options(args: argparse.Namespace) -> DecodeOptions:
@@ -231,4 +245,5 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        video_crop=args.video_crop,
     )

@@ -1,8 +1,8 @@
 """Export a training checkpoint to a directory that loads without Lightning, and load it back.
 
 Layout: ``adapter/`` (peft's own format), ``projector.safetensors``, ``encoder.safetensors``
-(only when the encoder has trainable weights), ``mmalign.json`` (encoder, projector and LLM
-specs plus prompts).
+(only when the encoder has trainable weights), the same two with a ``video_`` prefix for an
+audio-visual model, and ``mmalign.json`` (encoder, projector and LLM specs plus prompts).
 
 A multi-rate (Matryoshka) model keeps every adapter: peft's ``save_pretrained`` writes the
 ``default`` (shared) adapter at ``adapter/`` and each other one in ``adapter/<name>/`` (e.g.
@@ -32,10 +32,18 @@ CKPT_KEY = "mmalign"
 def describe(model: SpeechLLM) -> dict[str, Any]:
     """Everything needed to rebuild ``model`` (weights aside), as plain JSON types."""
     adapter = model.llm.adapter
+    video = {}
+    if model.video_encoder is not None and model.video_projector is not None:
+        video = {
+            "video_encoder": spec(model.video_encoder),
+            "video_projector": spec(model.video_projector),
+        }
     return _jsonable(
         {
             "encoder": spec(model.encoder),
             "projector": spec(model.projector),
+            **video,
+            "task_modalities": {t: list(m) for t, m in model.task_modalities.items()},
             "llm": spec(model.llm),
             "adapter": adapter.to_dict() if adapter is not None else None,
             "adapters": list(model.llm.model.peft_config) if adapter is not None else [],
@@ -55,6 +63,10 @@ def build_from_description(desc: dict[str, Any], with_adapter: bool = True) -> S
     adapter = get_peft_config(desc["adapter"]) if with_adapter and desc.get("adapter") else None
     llm = build(desc["llm"], adapter=adapter)
     projector = build(desc["projector"], encoder.dim, llm.hidden_size)
+    video_encoder = video_projector = None
+    if desc.get("video_encoder"):
+        video_encoder = build(desc["video_encoder"])
+        video_projector = build(desc["video_projector"], video_encoder.dim, llm.hidden_size)
     return SpeechLLM(
         encoder,
         projector,
@@ -62,6 +74,9 @@ def build_from_description(desc: dict[str, Any], with_adapter: bool = True) -> S
         desc.get("prompts"),
         desc.get("system_prompt"),
         lora_strategy=desc.get("lora_strategy", "shared"),
+        video_encoder=video_encoder,
+        video_projector=video_projector,
+        task_modalities=desc.get("task_modalities"),
     )
 
 
@@ -89,13 +104,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if model.llm.adapter is not None:
         model.llm.model.save_pretrained(out / "adapter")
-    save_file(
-        {k: v.contiguous() for k, v in model.projector.state_dict().items()},
-        out / "projector.safetensors",
-    )
-    encoder_trained = trainable_state(model.encoder)
-    if encoder_trained:  # e.g. WavLM layer weights or encoder LoRA
-        save_file(encoder_trained, out / "encoder.safetensors")
+    for prefix, encoder, projector in _parts(model):
+        save_file(
+            {k: v.contiguous() for k, v in projector.state_dict().items()},
+            out / f"{prefix}projector.safetensors",
+        )
+        encoder_trained = trainable_state(encoder)
+        if encoder_trained:  # e.g. WavLM layer weights or encoder LoRA
+            save_file(encoder_trained, out / f"{prefix}encoder.safetensors")
     desc = describe(model)
     desc["checkpoint"] = str(checkpoint)
     (out / CONFIG_NAME).write_text(json.dumps(desc, indent=2))
@@ -122,19 +138,31 @@ def load_exported(path: str | Path, device: str = "cpu") -> SpeechLLM:
             llm.model.load_adapter(where(name), adapter_name=name)
         llm.adapter = llm.model.peft_config[names[0]]
         model.activate_rate()
-    model.projector.load_state_dict(load_file(path / "projector.safetensors"))
-    expected = set(trainable_state(model.encoder))
-    if expected:
-        enc_file = path / "encoder.safetensors"
+    for prefix, encoder, projector in _parts(model):
+        projector.load_state_dict(load_file(path / f"{prefix}projector.safetensors"))
+        expected = set(trainable_state(encoder))
+        if not expected:
+            continue
+        enc_file = path / f"{prefix}encoder.safetensors"
         if not enc_file.is_file():
             raise FileNotFoundError(f"{enc_file} missing: the encoder has trainable weights")
-        result = model.encoder.load_state_dict(load_file(enc_file), strict=False)
+        result = encoder.load_state_dict(load_file(enc_file), strict=False)
         missing = expected & set(result.missing_keys)
         if missing or result.unexpected_keys:
             unexpected = result.unexpected_keys[:5]
             missing_list = sorted(missing)[:5]
             raise RuntimeError(f"{enc_file}: missing {missing_list}, unexpected {unexpected}")
     return model.to(device).eval()
+
+
+def _parts(model: SpeechLLM) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """(file prefix, encoder, projector) of each branch: ``""`` main, ``video_`` video."""
+    parts: list[tuple[str, torch.nn.Module, torch.nn.Module]] = [
+        ("", model.encoder, model.projector)
+    ]
+    if model.video_encoder is not None and model.video_projector is not None:
+        parts.append(("video_", model.video_encoder, model.video_projector))
+    return parts
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

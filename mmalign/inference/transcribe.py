@@ -15,6 +15,11 @@ order: first its ``.txt``/``.srt``/``.vtt`` (each atomically), then its line in
 flight and never writes a file twice (``--overwrite`` starts afresh; ``--retry-errors`` redoes
 the files that failed). A file that cannot be read gets a ledger line with ``error`` set and a
 place in the final summary; the run goes on.
+
+Models that read video (VSR/AVSR) take a mouth-region clip per input: a manifest's ``video``
+column (``.npy`` uint8 ``T x H x W`` or a video file; ``video_fps`` optional), or the input file
+itself when it is a video container (its audio track is the audio). The audio is cut or padded to
+whole video frames and the clip is decoded in one piece (clips are not chunked).
 """
 
 from __future__ import annotations
@@ -32,14 +37,22 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mmalign.data.collate import DEFAULT_TASK
-from mmalign.inference.audio import AUDIO_EXTENSIONS, audio_duration, find_audio, read_audio
+from mmalign.inference.audio import (
+    AUDIO_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    audio_duration,
+    find_audio,
+    read_audio,
+    read_video,
+    with_video,
+)
 from mmalign.inference.chunking import Chunk, chunk_bounds, join_chunks
 from mmalign.inference.decode import (
     DecodeOptions,
     add_decoding_arguments,
     decode_options,
     decode_samples,
+    default_task,
     features_for,
     load_model,
     select_rates,
@@ -126,6 +139,8 @@ def _manifest_items(manifest: Path) -> list[InputItem]:
             items.append(InputItem(Path(where), error=f"{where}: {why}"))
             continue
         assert isinstance(obj, dict)
+        if isinstance(obj.get("video"), str) and obj["video"]:
+            obj["_video_path"] = str(_resolve(manifest.parent, obj["video"]))
         items.append(InputItem(_resolve(manifest.parent, audio), meta=obj))
     return items
 
@@ -165,6 +180,17 @@ def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
         with open(path, "r+b") as fh:
             fh.truncate(good)
     return records
+
+
+def _read_clip(item: InputItem) -> tuple[Any, float]:
+    """The mouth clip of an input: its manifest's ``video``, else the file itself if a video."""
+    fps = item.meta.get("video_fps")
+    name = item.meta.get("video")
+    if name:
+        return read_video(Path(item.meta["_video_path"]), fps)
+    if item.path.suffix.lower() in VIDEO_EXTENSIONS:
+        return read_video(item.path, fps)
+    raise ValueError(f"{item.path}: the model reads video but this input has none")
 
 
 def _output_name(item: InputItem, taken: set[str]) -> str:
@@ -251,6 +277,8 @@ class _Pending:
     duration: float = 0.0
     error: str | None = None
     wave: Any = None  # the decoded waveform while the file waits for its round
+    video: Any = None  # its frames, for models that read video
+    video_fps: float = 25.0
     text: str = ""
     spans: list[dict[str, Any]] = field(default_factory=list)
 
@@ -265,7 +293,7 @@ def transcribe(
     overlap_seconds: float = 2.0,
     formats: Sequence[str] = FORMATS,
     rate: int | None = None,
-    task: str = DEFAULT_TASK,
+    task: str | None = None,
     overwrite: bool = False,
     retry_errors: bool = False,
     progress: bool = True,
@@ -283,6 +311,9 @@ def transcribe(
         select_rates(speech_llm, [rate])  # raises for a rate the model lacks
         use_rate(speech_llm, rate)
     features = features_for(speech_llm)
+    task = task or default_task(speech_llm)
+    speech_llm.modalities_of(task)  # a task the model cannot serve fails before any work
+    reads_video = "video" in speech_llm.modalities
     window = getattr(speech_llm.encoder, "max_frames", None)
     if window is not None and chunk_seconds * features.frame_rate > window:
         raise ValueError(
@@ -330,9 +361,20 @@ def transcribe(
             if item.error is None:
                 try:
                     wave = read_audio(item.path, features.sample_rate)
+                    one_piece = False
+                    if reads_video:
+                        pending.video, pending.video_fps = _read_clip(item)
+                        wave = with_video(
+                            {"audio": wave}, pending.video, pending.video_fps, features.sample_rate
+                        )["audio"]
+                        one_piece = True
                     pending.duration = wave.numel() / features.sample_rate
                     pending.chunks = chunk_bounds(
-                        wave.numel(), features.sample_rate, chunk_seconds, overlap_seconds
+                        wave.numel(),
+                        features.sample_rate,
+                        # a clip is decoded whole: one chunk covering all of it
+                        pending.duration + overlap_seconds + 1.0 if one_piece else chunk_seconds,
+                        overlap_seconds,
                     )
                     pending.wave = wave
                     buffered_chunks += len(pending.chunks)
@@ -367,20 +409,22 @@ def _decode_round(
         if pending.error is not None:
             continue
         wave = pending.wave
-        meta = {k: v for k, v in pending.item.meta.items() if k != "audio"}
+        meta = {k: v for k, v in pending.item.meta.items() if k not in ("audio", "_video_path")}
         for i, chunk in enumerate(pending.chunks):
             new = chunk.end - (pending.chunks[i - 1].end if i else chunk.start)
-            samples.append(
-                {
-                    "__key__": f"{pending.name}#{i}",
-                    "audio": wave[chunk.first : chunk.last],
-                    "text": "",
-                    "task": str(meta.get("task") or task),
-                    "duration": chunk.end - chunk.start,
-                    "meta": meta,
-                    "new_seconds": new,
-                }
-            )
+            sample = {
+                "__key__": f"{pending.name}#{i}",
+                "audio": wave[chunk.first : chunk.last],
+                "text": "",
+                "task": str(meta.get("task") or task),
+                "duration": chunk.end - chunk.start,
+                "meta": meta,
+                "new_seconds": new,
+            }
+            if pending.video is not None:
+                sample["video"] = pending.video
+                sample["video_fps"] = pending.video_fps
+            samples.append(sample)
             owners.append(pending)
     if not samples:
         return
@@ -393,7 +437,7 @@ def _decode_round(
         if pending.error is None:
             mine = [t for t, o in zip(texts, owners, strict=True) if o is pending]
             pending.text, pending.spans = join_chunks(mine, pending.chunks, overlap_seconds)
-        pending.wave = None
+        pending.wave = pending.video = None
 
 
 def _finish(
@@ -451,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window per chunk")
     parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks")
     parser.add_argument("--rate", type=int, help="compression rate (multi-rate models)")
-    parser.add_argument("--task", default=DEFAULT_TASK, help="prompt task unless a manifest says")
+    parser.add_argument(
+        "--task",
+        help="task unless a manifest says (default: asr, vsr or avsr by what the model reads)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo everything")
     parser.add_argument("--retry-errors", action="store_true", help="redo files that failed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

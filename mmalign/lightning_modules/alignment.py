@@ -53,6 +53,14 @@ class AlignmentModule(L.LightningModule):
         rate_seed: seed of the rate draws; a draw depends only on (seed, step, batch index),
             so resumed and multi-device runs draw the same rates. With ``sample`` and
             per-rate adapters under DDP, set the strategy's ``find_unused_parameters: true``.
+        video_encoder: optional video encoder (e.g. ``CLIPVideoEncoder``) beside an audio
+            ``encoder``: an audio-visual model (see :class:`mmalign.model.SpeechLLM`).
+        video_projector: projector class for the video branch, built like ``projector``.
+        task_modalities: extra task name -> modalities (``audio``, ``video``) entries.
+        modality_dropout: training only: probabilities that an ``avsr`` sample is trained as
+            ``asr`` (video dropped) or ``vsr`` (audio dropped), e.g. ``{asr: 0.25, vsr: 0.25}``,
+            so one model serves all three tasks. Drawn from (``rate_seed``, step, batch index,
+            sample), so resumed runs draw the same.
 
     With a multi-rate projector, validation and test decode at every rate and log
     ``val/wer_r{rate}`` (and ``cer``/``loss``) per rate, with ``val/wer`` at the default rate.
@@ -76,8 +84,14 @@ class AlignmentModule(L.LightningModule):
         rate_sampling: str = "all",
         rate_weights: list[float] | None = None,
         rate_seed: int = 0,
+        video_encoder: Encoder | None = None,
+        video_projector: ProjectorFactory | None = None,
+        task_modalities: dict[str, list[str]] | None = None,
+        modality_dropout: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
+        if (video_encoder is None) != (video_projector is None):
+            raise ValueError("model.video_encoder and model.video_projector come together")
         self.model = SpeechLLM(
             encoder,
             projector(encoder.dim, llm.hidden_size),
@@ -85,7 +99,15 @@ class AlignmentModule(L.LightningModule):
             prompts,
             system_prompt,
             lora_strategy=lora_strategy,
+            video_encoder=video_encoder,
+            video_projector=(
+                video_projector(video_encoder.dim, llm.hidden_size)
+                if video_encoder is not None and video_projector is not None
+                else None
+            ),
+            task_modalities=task_modalities,
         )
+        self.modality_dropout = self._check_dropout(modality_dropout)
         self.rate_sampling = rate_sampling
         self.rate_seed = rate_seed
         self.rate_weights = self._check_rates(rate_sampling, rate_weights, lora_strategy)
@@ -129,6 +151,34 @@ class AlignmentModule(L.LightningModule):
             )
         return weights
 
+    def _check_dropout(self, dropout: dict[str, float] | None) -> dict[str, float]:
+        dropout = {str(k): float(v) for k, v in (dropout or {}).items()}
+        bad = [k for k in dropout if k not in ("asr", "vsr")]
+        if bad or any(v < 0 for v in dropout.values()) or sum(dropout.values()) > 1:
+            raise ValueError(
+                f"model.modality_dropout={dropout}: keys 'asr'/'vsr', probabilities >= 0 "
+                "summing to at most 1"
+            )
+        if dropout and set(self.model.modalities) != {"audio", "video"}:
+            raise ValueError(
+                "model.modality_dropout needs an audio-visual model (encoder + video_encoder)"
+            )
+        return dropout
+
+    def drop_modalities(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The batch with some ``avsr`` samples turned into ``asr``/``vsr`` (modality dropout)."""
+        if not self.modality_dropout:
+            return batch
+        rng = np.random.default_rng([self.rate_seed, int(self.global_step), int(batch_idx), 7])
+        names = ["avsr", *self.modality_dropout]
+        p = [1.0 - sum(self.modality_dropout.values()), *self.modality_dropout.values()]
+        draws = rng.choice(len(names), size=len(batch["texts"]), p=p)
+        tasks = [
+            names[int(d)] if t == "avsr" else t
+            for t, d in zip(self.model._tasks(batch), draws, strict=True)
+        ]
+        return {**batch, "task": tasks}
+
     def _default_rate(self) -> int:
         """The rate ``val/wer`` is reported at: the projector's ``default_rate``, else its first."""
         rates = self.model.rates or [0]
@@ -150,6 +200,9 @@ class AlignmentModule(L.LightningModule):
         """State-dict keys that a checkpoint carries: trainable parameters and projector buffers."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         names |= {f"model.projector.{n}" for n, _ in self.model.projector.named_buffers()}
+        if self.model.video_projector is not None:
+            buffers = self.model.video_projector.named_buffers()
+            names |= {f"model.video_projector.{n}" for n, _ in buffers}
         return names
 
     def num_trainable_parameters(self) -> int:
@@ -216,6 +269,7 @@ class AlignmentModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         bs = len(batch["texts"])
+        batch = self.drop_modalities(batch, batch_idx)
         if self.model.rates is None:
             loss = self.model(batch)
         else:
