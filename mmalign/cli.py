@@ -39,17 +39,23 @@ def prepare(
     shard_max_count: int | None = None,
     sample_rate: int = 16000,
     prefix: str = "shard",
+    video_fps: float = 25.0,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> None:
-    """Write webdataset shards (16 kHz mono FLAC + JSON) and index.json.
+    """Write webdataset shards (16 kHz mono FLAC + JSON, lip video as uint8 .npy) and index.json.
 
     Args:
-        source: a JSONL manifest (``audio``, ``text``, other fields kept) or a folder of audio
-            files with same-named .txt transcripts.
+        source: a JSONL manifest (``audio``, ``text``, optional ``video`` (.npy uint8 T x H x W
+            or a video file) and ``video_fps``, other fields kept) or a folder of audio files
+            with same-named .txt transcripts.
         out_dir: output folder for ``{prefix}-NNNNNN.tar`` and ``index.json``.
         shard_max_mb: size cap per shard.
         shard_max_count: sample cap per shard.
         sample_rate: target sample rate.
         prefix: shard file name prefix.
+        video_fps: frame rate of videos whose manifest line and container give none.
+        crop: fixed mouth box ``[x, y, w, h]`` cut from every video (default: clips are
+            already mouth regions).
     """
     from mmalign.data.shards import prepare as run_prepare
 
@@ -60,6 +66,8 @@ def prepare(
         shard_max_count=shard_max_count,
         sample_rate=sample_rate,
         prefix=prefix,
+        video_fps=video_fps,
+        crop=tuple(crop) if crop is not None else None,
     )
     print(
         f"wrote {report.written} samples ({report.total_seconds / 3600:.2f} h) in "
@@ -77,6 +85,7 @@ def synth(
     n_test: int = 200,
     seed: int = 0,
     jobs: int = 2,
+    video: bool = False,
 ) -> None:
     """Synthesise an offline English corpus with espeak-ng (digits, sentences or mixed).
 
@@ -90,8 +99,12 @@ def synth(
         n_test: test utterances (held-out voices).
         seed: random seed; the same seed gives the same corpus.
         jobs: parallel synthesis processes.
+        video: also render a synthetic mouth video per utterance (audio-visual corpus).
     """
-    from mmalign.data.synthetic.espeak import synthesize
+    if video:
+        from mmalign.data.synthetic.lips import synthesize_av as synthesize
+    else:
+        from mmalign.data.synthetic.espeak import synthesize
 
     manifests = synthesize(
         out_dir, kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, jobs=jobs

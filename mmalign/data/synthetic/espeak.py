@@ -24,6 +24,7 @@ import json
 import random
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -269,15 +270,23 @@ def _synthesize_one(utt: _Utterance, out_dir: Path) -> None:
         )  # fmt: skip
         if speak.returncode != 0 or not raw.is_file() or raw.stat().st_size <= 44:
             raise RuntimeError(f"espeak-ng failed for {utt.key} ({utt.voice}): {speak.stderr}")
-        convert = subprocess.run(
-            ["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(target),
-             "gain", "-n", "-1"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if convert.returncode != 0:
-            raise RuntimeError(f"sox failed for {utt.key}: {convert.stderr}")
+        sox_to_16k([str(raw)], target, utt.key)
     finally:
         raw.unlink(missing_ok=True)
+
+
+def sox_to_16k(source: list[str], target: Path, key: str, stdin: bytes | None = None) -> None:
+    """Convert with sox to 16 kHz mono 16-bit, normalised to -1 dBFS (``gain -n -1``).
+
+    ``source`` is sox's input (a path, or format options and ``-`` to read ``stdin``). ``-R``
+    seeds sox's dither, so the same input gives the same bytes."""
+    convert = subprocess.run(
+        ["sox", "-R", *source, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(target),
+         "gain", "-n", "-1"],
+        input=stdin, capture_output=True,
+    )  # fmt: skip
+    if convert.returncode != 0:
+        raise RuntimeError(f"sox failed for {key}: {convert.stderr.decode(errors='replace')}")
 
 
 def synthesize(
@@ -299,13 +308,7 @@ def synthesize(
     ``"sentences"`` or ``"mixed"`` (either, half and half). ``held_out_voices`` voices are kept
     for the test split only. ``jobs`` synthesis processes run at once.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-    counts = {"train": n_train, "val": n_val, "test": n_test}
-    if any(n < 0 for n in counts.values()):
-        raise ValueError(f"utterance counts must be non-negative, got {counts}")
+    counts = _check_args(kind, n_train, n_val, n_test, min_digits, max_digits)
     check_tools()
     out = Path(out_dir)
     utterances, train_voices, held_out = _plan(
@@ -317,22 +320,50 @@ def synthesize(
         # list() re-raises the first failure
         list(pool.map(lambda u: _synthesize_one(u, out), utterances))
 
+    return _write_manifests(out, utterances, train_voices, held_out, _asr_line)
+
+
+def _asr_line(u: _Utterance) -> dict:
+    return {
+        "audio": u.audio,
+        "text": u.text,
+        "key": u.key,
+        "voice": u.voice,
+        "speed": u.speed,
+        "pitch": u.pitch,
+        "task": "asr",
+    }
+
+
+def _check_args(
+    kind: str, n_train: int, n_val: int, n_test: int, min_digits: int, max_digits: int
+) -> dict[str, int]:
+    """Validate the corpus arguments; returns split -> utterance count."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    if any(n < 0 for n in counts.values()):
+        raise ValueError(f"utterance counts must be non-negative, got {counts}")
+    return counts
+
+
+def _write_manifests(
+    out: Path,
+    utterances: list[_Utterance],
+    train_voices: list[str],
+    held_out: list[str],
+    line: Callable[[_Utterance], dict],
+) -> dict[str, Path]:
+    """Write ``<split>.jsonl`` (one ``line(u)`` per utterance) and ``voices.json``."""
     manifests: dict[str, Path] = {}
-    for split in counts:
+    for split in ("train", "val", "test"):
         path = out / f"{split}.jsonl"
         with open(path, "w", encoding="utf-8") as fh:
             for u in utterances:
                 if u.split == split:
-                    line = {
-                        "audio": u.audio,
-                        "text": u.text,
-                        "key": u.key,
-                        "voice": u.voice,
-                        "speed": u.speed,
-                        "pitch": u.pitch,
-                        "task": "asr",
-                    }
-                    fh.write(json.dumps(line) + "\n")
+                    fh.write(json.dumps(line(u)) + "\n")
         manifests[split] = path
     voices = {"train": train_voices, "held_out": held_out}
     (out / "voices.json").write_text(json.dumps(voices, indent=2) + "\n", encoding="utf-8")
