@@ -60,7 +60,8 @@ class AlignmentModule(L.LightningModule):
         modality_dropout: training only: probabilities that an ``avsr`` sample is trained as
             ``asr`` (video dropped) or ``vsr`` (audio dropped), e.g. ``{asr: 0.25, vsr: 0.25}``,
             so one model serves all three tasks. Drawn from (``rate_seed``, step, batch index,
-            sample), so resumed runs draw the same.
+            sample), so resumed runs draw the same. A batch may then leave one branch unused:
+            under DDP set the strategy's ``find_unused_parameters: true``.
 
     With a multi-rate projector, validation and test decode at every rate and log
     ``val/wer_r{rate}`` (and ``cer``/``loss``) per rate, with ``val/wer`` at the default rate.
