@@ -41,13 +41,19 @@ def prepare(
     prefix: str = "shard",
     video_fps: float = 25.0,
     crop: tuple[int, int, int, int] | None = None,
+    format: str = "auto",
+    split: str | None = None,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+    clips: str | None = None,
 ) -> None:
     """Write webdataset shards (16 kHz mono FLAC + JSON, lip video as uint8 .npy) and index.json.
 
     Args:
         source: a JSONL manifest (``audio``, ``text``, optional ``video`` (.npy uint8 T x H x W
-            or a video file) and ``video_fps``, other fields kept) or a folder of audio files
-            with same-named .txt transcripts.
+            or a video file) and ``video_fps``, optional ``offset``/``duration`` in seconds to
+            take one segment, other fields such as ``translation`` kept), a folder of audio
+            files with same-named .txt transcripts, a CoVoST 2 TSV or a MuST-C pair folder.
         out_dir: output folder for ``{prefix}-NNNNNN.tar`` and ``index.json``.
         shard_max_mb: size cap per shard.
         shard_max_count: sample cap per shard.
@@ -56,6 +62,14 @@ def prepare(
         video_fps: frame rate of videos whose manifest line and container give none.
         crop: fixed mouth box ``[x, y, w, h]`` cut from every video (default: clips are
             already mouth regions).
+        format: ``auto`` (``.tsv`` is CoVoST, a folder with ``data/*/txt/*.yaml`` MuST-C,
+            another folder audio+.txt, another file a manifest), ``manifest``, ``folder``,
+            ``covost`` or ``mustc``.
+        split: MuST-C split to read (``train``, ``dev``, ``tst-COMMON`` ...; needed when there
+            are several), or the rows of a combined CoVoST TSV.
+        source_lang: source language when the CoVoST file or MuST-C folder name does not say.
+        target_lang: target language, likewise.
+        clips: folder of a CoVoST TSV's Common Voice clips (default ``<tsv folder>/clips``).
     """
     from mmalign.data.shards import prepare as run_prepare
 
@@ -68,6 +82,11 @@ def prepare(
         prefix=prefix,
         video_fps=video_fps,
         crop=tuple(crop) if crop is not None else None,
+        format=format,
+        split=split,
+        source_lang=source_lang,
+        target_lang=target_lang,
+        clips=clips,
     )
     print(
         f"wrote {report.written} samples ({report.total_seconds / 3600:.2f} h) in "
@@ -86,21 +105,44 @@ def synth(
     seed: int = 0,
     jobs: int = 2,
     video: bool = False,
+    langs: list[str] = ["de", "fr"],  # noqa: B006 - read only; jsonargparse shows the default
 ) -> None:
-    """Synthesise an offline English corpus with espeak-ng (digits, sentences or mixed).
+    """Synthesise an offline English corpus with espeak-ng (digits, sentences, mixed or
+    translation).
 
     Test utterances use voices held out of training; writes train/val/test JSONL manifests.
+    ``translation`` is English speech with German/French targets from the system's gettext
+    catalogs (about 1,700 sentences), split by sentence so val/test sentences are unseen.
 
     Args:
         out_dir: output folder (wav files and manifests).
-        kind: ``digits``, ``sentences`` or ``mixed``.
+        kind: ``digits``, ``sentences``, ``mixed`` or ``translation`` (manifest lines also carry
+            ``translation`` {lang: text} and ``source_lang``).
         n_train: training utterances.
         n_val: validation utterances (training voices, unseen texts).
         n_test: test utterances (held-out voices).
         seed: random seed; the same seed gives the same corpus.
         jobs: parallel synthesis processes.
         video: also render a synthetic mouth video per utterance (audio-visual corpus).
+        langs: target languages of ``kind=translation`` (each sentence has all of them).
     """
+    if kind == "translation":
+        if video:
+            raise SystemExit("synth: --video is not available with kind=translation")
+        from mmalign.data.synthetic.translation import synthesize_st
+
+        manifests = synthesize_st(
+            out_dir,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            langs=tuple(langs),
+            seed=seed,
+            jobs=jobs,
+        )
+        for split, path in manifests.items():
+            print(f"{split}: {path}")
+        return
     if video:
         from mmalign.data.synthetic.lips import synthesize_av as synthesize
     else:
@@ -111,6 +153,19 @@ def synth(
     )
     for split, path in manifests.items():
         print(f"{split}: {path}")
+
+
+def curriculum(plan: str) -> None:
+    """Train in stages, each starting from the previous stage's weights; rerun to resume.
+
+    Args:
+        plan: a curriculum YAML (``fit_config``, ``out_dir``, ``stages`` with ``name``,
+            ``overrides`` and ``init_adapter``); see ``mmalign.lightning_modules.curriculum``.
+    """
+    from mmalign.lightning_modules.curriculum import run_curriculum
+
+    for path in run_curriculum(plan):
+        print(f"stage checkpoint: {path}")
 
 
 def export(checkpoint: str, out_dir: str) -> None:
@@ -168,7 +223,12 @@ def transcribe(argv: list[str]) -> None:
     run_transcribe(argv)
 
 
-EXTRA = {"prepare": prepare, "synth": synth, "export": export}
+EXTRA = {
+    "prepare": prepare,
+    "synth": synth,
+    "export": export,
+    "curriculum": curriculum,
+}
 PLAIN = {  # argparse-based: variable numbers of positional files, lists of sweep values
     "score": score,
     "evaluate": evaluate,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmalign.data.tasks import prompt_key, prompt_value
 from mmalign.encoders.base import Encoder
 from mmalign.llm.load import CausalLM
 from mmalign.llm.lora import activate, active_adapters, add_rate_adapters, check_strategy
@@ -183,10 +184,16 @@ class SpeechLLM(nn.Module):
         metas = batch.get("meta") or [{}] * len(tasks)
         heads, tails = [], []
         for task, meta in zip(tasks, metas, strict=True):
-            missing = [f for f in self.prompt.fields(task) if f not in meta]
-            if missing:
-                raise KeyError(f"task {task!r} needs sample field(s) {missing} in its json")
-            h, t = self.prompt.segments(task, **{f: meta[f] for f in self.prompt.fields(task)})
+            key = prompt_key(self.prompt.prompts, task, meta)
+            fields = {}
+            for f in self.prompt.fields(key):
+                try:
+                    fields[f] = prompt_value(f, meta)
+                except KeyError:
+                    raise KeyError(
+                        f"task {task!r} needs sample field {f!r} in its json (prompt {key!r})"
+                    ) from None
+            h, t = self.prompt.segments(key, **fields)
             heads.append(h)
             tails.append(t)
         return heads, tails

@@ -234,3 +234,27 @@ def tone_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report = prepare(manifest, root / "shards", progress=False)
     assert report.ok
     return root / "shards"
+
+
+def write_translation_shards(root: Path, n: int) -> Path:
+    """``n`` short tones with English "texts" and German/French translations (every fifth has
+    none), prepared into ``root/shards``."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from mmalign.data.shards import prepare
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        t = np.arange(int(16000 * (0.2 + 0.01 * i))) / 16000
+        sf.write(root / f"u{i}.wav", (0.2 * np.sin(2 * np.pi * 300 * t)).astype("float32"), 16000)
+        line = {"audio": f"u{i}.wav", "text": f"word {i}", "source_lang": "en"}
+        if i % 5:  # every fifth sample has no German: skipped when asked for st into de
+            line["translation"] = {"de": f"Wort {i}", "fr": f"mot {i}"}
+        lines.append(line)
+    (root / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert prepare(root / "m.jsonl", root / "shards", progress=False).ok
+    return root / "shards"

@@ -33,6 +33,7 @@ from mmalign.data.augment import NoiseAugment, parse_snr
 from mmalign.data.batching import estimate_num_batches
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.pipeline import (
+    MixSource,
     ShardLoader,
     ShardPipeline,
     ShardSet,
@@ -56,9 +57,13 @@ class ShardDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders over webdataset shards made by ``mmalign prepare``.
 
     Args:
-        train: Training shards (folder with index.json, index.json, .tar, glob or brace pattern).
-        val: Validation shards.
-        test: Test shards.
+        train: Training shards (folder with index.json, index.json, .tar, glob or brace pattern),
+            or a mixture: a list of sources (:class:`mmalign.data.pipeline.MixSource`: ``shards``,
+            ``weight``, ``task``, ``target_lang``) drawn by weight, e.g. the same shards as
+            ``asr`` and as ``st`` into German.
+        val: Validation shards, or a list of sources (read one after the other, each sample once
+            per source; validation then logs metrics per task).
+        test: Test shards (or sources, as ``val``).
         predict: Shards to transcribe with ``predict``.
         max_batch_seconds: Cap on a batch's padded audio duration (longest clip x batch size).
         max_batch_size: Optional cap on the number of clips per batch.
@@ -88,9 +93,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: str | None = None,
-        val: str | None = None,
-        test: str | None = None,
+        train: str | list[MixSource] | None = None,
+        val: str | list[MixSource] | None = None,
+        test: str | list[MixSource] | None = None,
         predict: str | None = None,
         max_batch_seconds: float = 60.0,
         max_batch_size: int | None = None,
@@ -163,8 +168,12 @@ class ShardDataModule(L.LightningDataModule):
         self.features = WhisperFeatures(n_mels=n_mels, sample_rate=sample_rate)
         # Resolve now so that a wrong path fails before any model is built.
         self.shard_sets: dict[str, ShardSet] = {}
+        self.mixes: dict[str, list[tuple[MixSource, list[str]]]] = {}
         for split, spec in self.specs.items():
             if spec is None:
+                continue
+            if isinstance(spec, (list, tuple)):
+                self.shard_sets[split] = self._resolve_mix(split, spec)
                 continue
             try:
                 self.shard_sets[split] = resolve_shards(spec)
@@ -172,6 +181,26 @@ class ShardDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"ShardDataModule {split}={spec!r}: {exn}") from exn
         self._pipelines: dict[str, ShardPipeline] = {}
         self._train_epoch = 0
+
+    def _resolve_mix(self, split: str, sources: Any) -> ShardSet:
+        """Resolve every source of a mixture; the split's counts are the sources' sums."""
+        if not sources:
+            raise ValueError(f"ShardDataModule {split}: an empty list of sources")
+        mix, urls, samples, seconds = [], [], 0, 0.0
+        for i, src in enumerate(sources):
+            src = MixSource(**src) if isinstance(src, dict) else src
+            try:
+                found = resolve_shards(src.shards)
+            except (OSError, ValueError) as exn:
+                raise FileNotFoundError(
+                    f"ShardDataModule {split}[{i}].shards={src.shards!r}: {exn}"
+                ) from exn
+            mix.append((src, found.urls))
+            urls += found.urls
+            samples = None if samples is None or found.samples is None else samples + found.samples
+            seconds = None if seconds is None or found.seconds is None else seconds + found.seconds
+        self.mixes[split] = mix
+        return ShardSet(f"{split} mixture", urls, samples, seconds)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
@@ -264,6 +293,7 @@ class ShardDataModule(L.LightningDataModule):
                 noise=self.noise if train else None,
                 require_video=self.require_video,
                 task=self.task,
+                mix=self.mixes.get(split),
             )
             if train:
                 pipe.set_epoch(self._train_epoch)

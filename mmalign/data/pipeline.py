@@ -45,7 +45,7 @@ import logging
 import multiprocessing
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
@@ -63,6 +63,7 @@ from mmalign.data.batching import DurationBatcher
 from mmalign.data.collate import DEFAULT_TASK, DEFAULT_VIDEO_CROP, Collator
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.shards import INDEX_NAME, read_index, to_mono_rate
+from mmalign.data.tasks import TaskError, apply_task
 from mmalign.data.video import DEFAULT_VIDEO_FPS, VideoTransform, align_audio, decode_video
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ SKIP_REASONS = (
     "bad json",
     "missing text",
     "missing audio",
+    "missing translation",
+    "missing target_lang",
     "undecodable audio",
     "empty audio",
     "missing video",
@@ -290,9 +293,18 @@ def _decode_video_member(
 
 
 def decode_sample(
-    raw: dict[str, Any], sample_rate: int = 16000, *, require_video: bool = False
+    raw: dict[str, Any],
+    sample_rate: int = 16000,
+    *,
+    require_video: bool = False,
+    task: str | None = None,
+    target_lang: str | None = None,
 ) -> dict[str, Any]:
     """Raw tar sample (bytes per extension) to a decoded sample; raises :class:`SampleError`.
+
+    ``text`` is the target of the sample's task (``task`` overrides the JSON's): the transcript,
+    or for translation the ``translation`` into ``target_lang`` (see :mod:`mmalign.data.tasks`);
+    the transcript is kept in ``transcript``.
 
     A video member adds ``video`` (uint8 ``[T, H, W]``) and ``video_fps``, and the audio is cut
     or zero-padded to the video's whole frames; ``require_video`` rejects samples without one.
@@ -334,7 +346,10 @@ def decode_sample(
         sample["video"], sample["video_fps"] = frames, fps
     sample["audio"] = wave
     sample["duration"] = wave.numel() / sample_rate
-    return sample
+    try:
+        return apply_task(sample, task, target_lang)
+    except TaskError as exn:
+        raise SampleError(str(exn).replace(" into ", ": into ", 1)) from exn
 
 
 class EpochState:
@@ -361,6 +376,73 @@ class _SeedParts:
     def __call__(self) -> tuple[int, ...]:
         rank, _, worker, _ = pytorch_worker_info()
         return (self.state.current, rank, worker)
+
+
+@dataclass
+class MixSource:
+    """One shard set of a training mixture: its share of the samples and what it is used for.
+
+    ``shards`` is anything :func:`resolve_shards` takes; ``weight`` its relative sampling
+    probability; ``task``/``target_lang`` override the samples' own (e.g. the same shards once as
+    ``asr`` and once as ``st`` into ``de``).
+    """
+
+    shards: str
+    weight: float = 1.0
+    task: str | None = None
+    target_lang: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, (int, float)) or not self.weight > 0:
+            raise ValueError(
+                f"mixture source {self.shards!r}: weight must be > 0, got {self.weight}"
+            )
+
+
+def _forever(chain: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Pass after pass over ``chain`` (reshuffled each time); stops if a pass yields nothing."""
+    while True:
+        n = 0
+        for sample in chain:
+            n += 1
+            yield sample
+        if n == 0:
+            return
+
+
+class _Mix(wds.PipelineStage):
+    """Samples drawn from several decoded streams by weight (training; each stream repeats, so
+    the mixture never runs dry and the epoch is cut by batch count), or the streams one after
+    the other (evaluation: every sample once). webdataset's ``RandomMix`` draws from the global
+    ``random`` module, which nothing seeds per worker and epoch, hence this seeded draw."""
+
+    def __init__(
+        self,
+        chains: list[wds.DataPipeline],
+        weights: list[float],
+        train: bool,
+        seed: int,
+        seed_parts: _SeedParts,
+    ) -> None:
+        self.chains, self.weights, self.train = chains, weights, train
+        self.seed, self.seed_parts = seed, seed_parts
+        self.runs = 0
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        if not self.train:
+            for chain in self.chains:
+                yield from chain
+            return
+        rng = random.Random(f"mix-{self.seed}-{self.runs}-{self.seed_parts()}")
+        self.runs += 1
+        streams = [_forever(c) for c in self.chains]
+        alive = list(range(len(streams)))
+        while alive:
+            i = rng.choices(alive, weights=[self.weights[j] for j in alive])[0]
+            try:
+                yield next(streams[i])
+            except StopIteration:  # a source with no usable sample at all
+                alive.remove(i)
 
 
 class _ShardSource(wds.PipelineStage):
@@ -420,19 +502,24 @@ class _Decode(wds.PipelineStage):
         counter: SkipCounter,
         require_video: bool = False,
         task: str | None = None,
+        target_lang: str | None = None,
     ) -> None:
         self.sample_rate, self.counter = sample_rate, counter
-        self.require_video, self.task = require_video, task
+        self.require_video, self.task, self.target_lang = require_video, task, target_lang
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for raw in src:
             try:
-                sample = decode_sample(raw, self.sample_rate, require_video=self.require_video)
+                sample = decode_sample(
+                    raw,
+                    self.sample_rate,
+                    require_video=self.require_video,
+                    task=self.task,
+                    target_lang=self.target_lang,
+                )
             except Exception as exn:
                 self.counter.skip(str(exn), url=raw.get("__url__"), key=raw.get("__key__"))
                 continue
-            if self.task is not None:
-                sample["task"] = self.task
             yield sample
 
 
@@ -523,6 +610,7 @@ def build_pipeline(
     noise: NoiseAugment | None = None,
     require_video: bool = False,
     task: str | None = None,
+    mix: Sequence[tuple[MixSource, list[str]]] | None = None,
 ) -> ShardPipeline:
     """The batch stream over ``urls``. ``train`` shuffles shards, samples and batch order;
     otherwise one deterministic pass. ``batches_per_worker`` makes the stream endless (shards are
@@ -532,19 +620,36 @@ def build_pipeline(
     seeded generator); ``video_crop`` is collate's centre crop of clips still larger than it.
     ``noise`` mixes noise into each batch before collate, in training only (ignored otherwise).
     ``require_video`` drops samples without video; ``task`` replaces every sample's task.
+    ``mix`` (pairs of :class:`MixSource` and its shard URLs) replaces ``urls`` with several
+    shard sets, each decoded with its own task and target language, drawn by weight.
     """
-    if not urls:
-        raise ValueError("build_pipeline needs at least one shard URL")
     counter, state = SkipCounter(), EpochState()
     parts = _SeedParts(state)
-    stages: list[Any] = [
-        _ShardSource(urls, shuffle=train, seed=seed, state=state),
-        wds.tarfile_to_samples(handler=counter.handler),
-        _SampleSplit(len(urls)),
-    ]
-    if train and shuffle_buffer > 1:
-        stages.append(_SeededShuffle(shuffle_buffer, seed, parts))
-    stages.append(_Decode(features.sample_rate, counter, require_video, task))
+
+    def decoded(
+        source_urls: list[str], src_task: str | None, tgt: str | None, k: int = 0
+    ) -> list[Any]:
+        src_seed = seed + 7919 * k  # sources over the same shards still shuffle differently
+        if not source_urls:
+            raise ValueError("build_pipeline needs at least one shard URL per source")
+        chain: list[Any] = [
+            _ShardSource(source_urls, shuffle=train, seed=src_seed, state=state),
+            wds.tarfile_to_samples(handler=counter.handler),
+            _SampleSplit(len(source_urls)),
+        ]
+        if train and shuffle_buffer > 1:
+            chain.append(_SeededShuffle(shuffle_buffer, src_seed, parts))
+        chain.append(_Decode(features.sample_rate, counter, require_video, src_task, tgt))
+        return chain
+
+    if mix:
+        chains = [
+            wds.DataPipeline(*decoded(u, src.task or task, src.target_lang, k))
+            for k, (src, u) in enumerate(mix)
+        ]
+        stages: list[Any] = [_Mix(chains, [src.weight for src, _ in mix], train, seed, parts)]
+    else:
+        stages = decoded(urls, task, None)
     if video_transform is not None:
         stages.append(_VideoAugment(video_transform, seed, parts, counter))
     stages.append(

@@ -9,14 +9,22 @@ plus a JSON record. The source is either
   uint8 ``T x H x W`` array or a video file: mp4, mkv, webm ...) with optional ``video_fps``, and
   any other fields, which are kept as-is in the sample's JSON (``task``, ``speaker``,
   ``translation`` ...); or
-* a folder searched recursively for audio files, each with a same-named ``.txt`` transcript.
+* a folder searched recursively for audio files, each with a same-named ``.txt`` transcript;
+* a CoVoST 2 TSV or a MuST-C language-pair folder, read by the importers in
+  :mod:`mmalign.data.sources` (``format`` picks one, ``auto`` tells them apart).
+
+A manifest line may give ``offset`` and/or ``duration`` (seconds) to take one segment of a long
+recording (MuST-C's talks): only that segment is read, and an item whose segment lies outside
+the file is skipped. Translation corpora keep ``text`` the transcript and add ``translation``
+(language -> text), ``source_lang`` and ``target_lang``: one sample serves ASR and ST.
 
 Shard layout (one tar member per field, grouped by ``__key__``)::
 
     <key>.flac   16-bit FLAC, mono, ``sample_rate`` Hz
     <key>.npy    uint8 T x H x W grayscale lip frames (only for items with ``video``)
     <key>.json   {"text", "duration" (s), "sample_rate", "source" (original path), ...kept fields,
-                  and with video: "video_fps", "video_frames", "video_source"}
+                  "offset" (s, for a segment), and with video: "video_fps", "video_frames",
+                  "video_source"}
 
 Video is stored as a numpy array rather than re-encoded: mouth crops are small (88-96 px), a
 lossless array decodes in microseconds in the data workers, and no codec is needed at training
@@ -59,6 +67,10 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "mmalign-shards/1"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif", ".au")
+FORMATS = ("auto", "manifest", "folder", "covost", "mustc")
+# A segment may end this far past the end of its file (rounded offsets and durations): it is
+# cut at the end of the file. Further out it is skipped.
+SEGMENT_SLACK_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -119,10 +131,16 @@ class _Item:
     line: int | None
     video: Path | None = None
     video_fps: float | None = None
+    offset: float | None = None
+    duration: float | None = None
 
 
 class _SkipItem(Exception):
     """Raised while reading an item that must be left out."""
+
+
+class SegmentError(ValueError):
+    """The requested ``offset``/``duration`` segment lies outside the audio file."""
 
 
 def sanitize_key(key: str) -> str:
@@ -132,10 +150,38 @@ def sanitize_key(key: str) -> str:
     return clean or "sample"
 
 
-def load_audio(path: str | Path, sample_rate: int = 16000) -> torch.Tensor:
-    """Read any soundfile-readable file as a float32 mono waveform at ``sample_rate``."""
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+def load_audio(
+    path: str | Path,
+    sample_rate: int = 16000,
+    *,
+    offset: float | None = None,
+    duration: float | None = None,
+) -> torch.Tensor:
+    """Read any soundfile-readable file as a float32 mono waveform at ``sample_rate``.
+
+    ``offset``/``duration`` (seconds) read only that segment, without decoding the rest of a
+    long recording; :class:`SegmentError` when it starts past the end or ends more than
+    ``SEGMENT_SLACK_S`` after it (a little overshoot is cut at the end of the file).
+    """
+    if offset is None and duration is None:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    else:
+        start, frames = _segment_frames(path, offset or 0.0, duration)
+        data, rate = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     return to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
+
+
+def _segment_frames(path: str | Path, offset: float, duration: float | None) -> tuple[int, int]:
+    """``(start, frames)`` in the file's own sample rate of a segment given in seconds."""
+    info = sf.info(str(path))
+    rate, total = info.samplerate, info.frames
+    start = round(offset * rate)
+    frames = total - start if duration is None else round(duration * rate)
+    end = start + frames
+    if start >= total or end > total + SEGMENT_SLACK_S * rate:
+        span = f"{offset:.3f}-{'end' if duration is None else f'{offset + duration:.3f}'} s"
+        raise SegmentError(f"segment {span} lies outside {path} ({total / rate:.3f} s long)")
+    return start, min(frames, total - start)
 
 
 def to_mono_rate(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
@@ -171,41 +217,58 @@ def _manifest_items(manifest: Path, skipped: list[SkippedItem]) -> list[_Item]:
             if not isinstance(obj, dict):
                 _skip(skipped, str(manifest), lineno, "line is not a JSON object")
                 continue
-            audio = obj.pop("audio", None)
-            if not isinstance(audio, str) or not audio:
-                _skip(skipped, str(manifest), lineno, "missing 'audio' path")
-                continue
-            path = Path(audio).expanduser()
-            if not path.is_absolute():
-                path = base / path
-            text = obj.pop("text", None)
-            video, fps = obj.pop("video", None), obj.pop("video_fps", None)
-            video_path = None
-            if video is not None:
-                if not isinstance(video, str) or not video:
-                    _skip(skipped, str(manifest), lineno, f"bad 'video' path: {video!r}")
-                    continue
-                video_path = Path(video).expanduser()
-                if not video_path.is_absolute():
-                    video_path = base / video_path
-            if fps is not None and not _positive_number(fps):
-                _skip(skipped, str(manifest), lineno, f"bad 'video_fps': {fps!r}")
-                continue
-            key = obj.get("key", obj.get("id"))
-            key = str(key) if key is not None else Path(audio).with_suffix("").as_posix()
-            items.append(
-                _Item(
-                    path,
-                    text,
-                    key,
-                    obj,
-                    str(manifest),
-                    lineno,
-                    video=video_path,
-                    video_fps=None if fps is None else float(fps),
-                )
-            )
+            item = _object_item(obj, base, str(manifest), lineno, skipped)
+            if item is not None:
+                items.append(item)
     return items
+
+
+def _object_item(
+    obj: dict[str, Any], base: Path, source: str, lineno: int | None, skipped: list[SkippedItem]
+) -> _Item | None:
+    """The item of one manifest object (relative paths against ``base``); None if skipped."""
+    obj = dict(obj)
+    audio = obj.pop("audio", None)
+    if not isinstance(audio, str) or not audio:
+        _skip(skipped, source, lineno, "missing 'audio' path")
+        return None
+    path = Path(audio).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    text = obj.pop("text", None)
+    video, fps = obj.pop("video", None), obj.pop("video_fps", None)
+    video_path = None
+    if video is not None:
+        if not isinstance(video, str) or not video:
+            _skip(skipped, source, lineno, f"bad 'video' path: {video!r}")
+            return None
+        video_path = Path(video).expanduser()
+        if not video_path.is_absolute():
+            video_path = base / video_path
+    if fps is not None and not _positive_number(fps):
+        _skip(skipped, source, lineno, f"bad 'video_fps': {fps!r}")
+        return None
+    offset, duration = obj.pop("offset", None), obj.pop("duration", None)
+    if offset is not None and not (_positive_number(offset) or _is_zero(offset)):
+        _skip(skipped, source, lineno, f"bad 'offset' (seconds >= 0): {offset!r}")
+        return None
+    if duration is not None and not _positive_number(duration):
+        _skip(skipped, source, lineno, f"bad 'duration' (seconds > 0): {duration!r}")
+        return None
+    key = obj.get("key", obj.get("id"))
+    key = str(key) if key is not None else Path(audio).with_suffix("").as_posix()
+    return _Item(
+        path,
+        text,
+        key,
+        obj,
+        source,
+        lineno,
+        video=video_path,
+        video_fps=None if fps is None else float(fps),
+        offset=None if offset is None else float(offset),
+        duration=None if duration is None else float(duration),
+    )
 
 
 def _positive_number(value: Any) -> bool:
@@ -215,6 +278,10 @@ def _positive_number(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def _folder_items(folder: Path, skipped: list[SkippedItem]) -> list[_Item]:
@@ -249,7 +316,9 @@ def _read_item(item: _Item, sample_rate: int) -> tuple[torch.Tensor, str]:
     if item.audio is None or not item.audio.is_file():
         raise _SkipItem(f"audio file not found: {item.audio}")
     try:
-        wave = load_audio(item.audio, sample_rate)
+        wave = load_audio(item.audio, sample_rate, offset=item.offset, duration=item.duration)
+    except SegmentError as exn:
+        raise _SkipItem(str(exn)) from exn
     except Exception as exn:  # soundfile raises several types for bad files
         raise _SkipItem(f"unreadable audio {item.audio}: {exn}") from exn
     if wave.numel() == 0:
@@ -295,6 +364,53 @@ def _check_crop(crop: Any) -> Box | None:
     return (x, y, w, h)
 
 
+def _resolve_format(source: Path, fmt: str) -> str:
+    """The concrete format of ``source`` (``auto`` guessed from its suffix or layout)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"prepare: format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "auto":
+        if source.is_dir():
+            from mmalign.data.sources.mustc import is_mustc
+
+            return "mustc" if is_mustc(source) else "folder"
+        return "covost" if source.suffix.lower() == ".tsv" else "manifest"
+    if fmt in ("folder", "mustc") and not source.is_dir():
+        raise ValueError(f"prepare: format {fmt!r} needs a folder, {source} is a file")
+    if fmt in ("manifest", "covost") and source.is_dir():
+        raise ValueError(f"prepare: format {fmt!r} needs a file, {source} is a folder")
+    return fmt
+
+
+def _corpus_items(
+    source: Path,
+    fmt: str,
+    skipped: list[SkippedItem],
+    *,
+    split: str | None,
+    source_lang: str | None,
+    target_lang: str | None,
+    clips: str | Path | None,
+) -> list[_Item]:
+    """Items of a CoVoST TSV or MuST-C folder, through :mod:`mmalign.data.sources`; skip reasons
+    keep pointing at the corpus files (TSV or YAML line)."""
+    langs = {"source_lang": source_lang, "target_lang": target_lang}
+    if fmt == "covost":
+        from mmalign.data.sources.covost import read_covost
+
+        imported = read_covost(source, clips=clips, split=split, **langs)
+    else:
+        from mmalign.data.sources.mustc import read_mustc
+
+        imported = read_mustc(source, split=split, **langs)
+    skipped.extend(imported.skipped)
+    items = []
+    for entry in imported.entries:
+        item = _object_item(entry.record, source.parent, entry.source, entry.line, skipped)
+        if item is not None:
+            items.append(item)
+    return items
+
+
 def _unique_keys(items: list[_Item]) -> Iterator[tuple[_Item, str]]:
     seen: set[str] = set()
     for item in items:
@@ -318,8 +434,14 @@ def prepare(
     progress: bool = True,
     video_fps: float = 25.0,
     crop: tuple[int, int, int, int] | None = None,
+    format: str = "auto",
+    split: str | None = None,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+    clips: str | Path | None = None,
 ) -> PrepareReport:
-    """Write ``source`` (JSONL manifest or audio+``.txt`` folder) as webdataset shards.
+    """Write ``source`` (JSONL manifest, audio+``.txt`` folder, CoVoST 2 TSV or MuST-C folder)
+    as webdataset shards.
 
     Shards are named ``{prefix}-000000.tar`` ... in ``out_dir`` and hold at most
     ``shard_max_bytes`` bytes (the shard is closed once it reaches the cap, so one sample may go
@@ -331,6 +453,13 @@ def prepare(
     ``video_fps`` is their frame rate when neither the manifest line (``video_fps``) nor the
     container says; ``crop`` is a fixed box ``(x, y, w, h)`` cut from every frame of every clip
     (None: clips are already mouth regions). A clip the box does not fit is skipped.
+
+    ``format`` is ``manifest``, ``folder``, ``covost`` (a CoVoST 2 TSV; ``clips`` is the folder
+    of its Common Voice clips, default ``<tsv folder>/clips``) or ``mustc`` (a MuST-C pair folder
+    such as ``en-de``); ``auto`` picks ``covost`` for ``.tsv`` files, ``mustc`` for folders with
+    ``data/*/txt/*.yaml``, ``folder`` for other folders and ``manifest`` for other files.
+    ``split`` chooses the MuST-C split (or the rows of a combined CoVoST TSV), ``source_lang``
+    and ``target_lang`` the languages when the file or folder name does not tell them.
     """
     source = Path(source).expanduser()
     out = Path(out_dir).expanduser()
@@ -339,20 +468,29 @@ def prepare(
     if not _positive_number(video_fps):
         raise ValueError(f"prepare: video_fps must be a positive number, got {video_fps!r}")
     box = _check_crop(crop)
+    fmt = _resolve_format(source, format)
+    corpus_options = {"split": split, "source_lang": source_lang, "target_lang": target_lang}
+    if fmt != "covost" and clips is not None:
+        raise ValueError(f"prepare: clips only applies to CoVoST TSVs, not format {fmt!r}")
+    given = sorted(name for name, value in corpus_options.items() if value is not None)
+    if fmt not in ("covost", "mustc") and given:
+        raise ValueError(f"prepare: {given} only apply to covost and mustc, not format {fmt!r}")
     if prefix != sanitize_key(prefix):
         raise ValueError(f"prepare: prefix {prefix!r} must be letters, digits, '-' or '_'")
+    report = PrepareReport(out_dir=out, index_path=out / INDEX_NAME)
+    # read first: a corpus that cannot be read at all raises before old shards are removed
+    if fmt == "folder":
+        items = _folder_items(source, report.skipped)
+    elif fmt == "manifest":
+        items = _manifest_items(source, report.skipped)
+    else:
+        items = _corpus_items(source, fmt, report.skipped, clips=clips, **corpus_options)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{prefix}-*.tar"):
         if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", old.name):
             log.warning("removing old shard %s", old)
             old.unlink()
 
-    report = PrepareReport(out_dir=out, index_path=out / INDEX_NAME)
-    items = (
-        _folder_items(source, report.skipped)
-        if source.is_dir()
-        else _manifest_items(source, report.skipped)
-    )
     pattern = str(out / f"{prefix}-%06d.tar").replace("%", "%%").replace("%%06d", "%06d")
     writer: wds.ShardWriter | None = None
     per_shard: dict[str, list[float]] = {}
@@ -375,6 +513,8 @@ def prepare(
                 "sample_rate": sample_rate,
                 "source": str(item.audio),
             }
+            if item.offset is not None:
+                meta["offset"] = item.offset
             members: dict[str, bytes] = {"flac": encode_flac(wave, sample_rate)}
             if video is not None:
                 frames, fps = video
@@ -408,7 +548,7 @@ def prepare(
         )
     report.written = sum(s.samples for s in report.shards)
     report.total_seconds = round(sum(s.seconds for s in report.shards), 6)
-    _write_index(report, source, sample_rate, prefix, videos=videos, crop=box)
+    _write_index(report, source, sample_rate, prefix, videos=videos, crop=box, source_format=fmt)
     if report.ok:
         log.info(report.summary())
     else:
@@ -425,11 +565,13 @@ def _write_index(
     prefix: str,
     videos: int = 0,
     crop: Box | None = None,
+    source_format: str | None = None,
 ) -> None:
     assert report.index_path is not None
     index = {
         "format": INDEX_FORMAT,
         "source": str(source),
+        "source_format": source_format,
         "sample_rate": sample_rate,
         "prefix": prefix,
         "video_samples": videos,

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics import BLEU
 from tqdm.auto import tqdm
 
 from mmalign.data.collate import DEFAULT_TASK
 from mmalign.data.pipeline import SampleError, decode_sample, resolve_shards
-from mmalign.eval.metrics import NORMALIZERS, error_rates
+from mmalign.data.tasks import TRANSLATION_TASKS, TaskError, apply_task
+from mmalign.eval.metrics import NORMALIZERS, error_rates, translation_metrics
 from mmalign.eval.noise import BABBLE, build_noise, mix
 from mmalign.inference.audio import AudioReadError, read_audio, read_video, with_video
 from mmalign.inference.decode import (
@@ -51,8 +52,6 @@ from mmalign.model import SpeechLLM
 
 log = logging.getLogger(__name__)
 
-TRANSLATION_TASKS = frozenset({"st"})
-"""Tasks scored by BLEU/chrF; every other task is a transcription scored by WER/CER."""
 
 CLEAN = ("clean", "inf", "none")
 LIBRARIES = (
@@ -192,15 +191,8 @@ def translation_scores(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """sacrebleu corpus BLEU and chrF on raw (detokenised) text with their signatures, and
     per-sentence BLEU (effective order, as sacrebleu recommends for single sentences)."""
-    bleu, chrf = BLEU(), CHRF()
     refs, hyps = list(refs), list(hyps)
-    corpus = {
-        "bleu": bleu.corpus_score(hyps, [refs]).score,
-        "chrf": chrf.corpus_score(hyps, [refs]).score,
-        "bleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-        "utterances": len(refs),
-    }
+    corpus = translation_metrics(refs, hyps)
     sentence = BLEU(effective_order=True)
     per = [{"bleu": sentence.sentence_score(h, [r]).score} for r, h in zip(refs, hyps, strict=True)]
     return corpus, per
@@ -277,6 +269,7 @@ def evaluate(
     seed: int = 0,
     tasks: Sequence[str] | None = None,
     as_tasks: Sequence[str] | None = None,
+    target_lang: str | None = None,
     limit: int | None = None,
     options: DecodeOptions | None = None,
     progress: bool = True,
@@ -288,7 +281,9 @@ def evaluate(
     a shard spec or a list of decoded samples. ``noise`` defaults to ``babble`` when any SNR
     is a number. ``tasks`` keeps only samples of those tasks; ``as_tasks`` then decodes every
     sample as each of those tasks instead of its own (e.g. ``asr vsr avsr`` on audio-visual
-    data scores one model with audio only, video only and both).
+    data scores one model with audio only, video only and both; ``st`` on a corpus whose
+    samples carry translations scores translation). ``target_lang`` picks the translation
+    target of ``st`` samples that have several.
     """
     options = options or DecodeOptions()
     if normalizer not in NORMALIZERS:
@@ -299,7 +294,7 @@ def evaluate(
         log.warning("--noise %s given but every SNR is clean: no noise is added", noise)
     noise = (noise or BABBLE) if noisy else None
 
-    loaded = load_model(model, options.device, options.dtype)
+    loaded = load_model(model, options.device, options.dtype, options.llm)
     speech_llm = loaded.model
     model_info: dict[str, Any] = {
         "path": str(loaded.path) if loaded.path else None,
@@ -330,7 +325,14 @@ def evaluate(
     if as_tasks:
         for task in as_tasks:
             speech_llm.modalities_of(task)  # a task the model cannot serve fails here
-        samples = [{**s, "task": t} for t in dict.fromkeys(as_tasks) for s in samples]
+    try:
+        samples = [
+            apply_task(s, t, target_lang)
+            for t in (dict.fromkeys(as_tasks) if as_tasks else [None])
+            for s in samples
+        ]
+    except TaskError as exn:
+        raise ValueError(f"{data_spec}: {exn}") from exn
     task_names = sorted({s["task"] for s in samples})
 
     features = features_for(speech_llm)
@@ -480,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="decode every sample as each of these tasks (e.g. asr vsr avsr on audio-visual data)",
     )
+    parser.add_argument(
+        "--target-lang", help="translation target (st) when samples have several, e.g. de"
+    )
     parser.add_argument("--limit", type=int, help="first N usable utterances only")
     add_decoding_arguments(parser, batch_size=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -502,6 +507,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
             seed=args.seed,
             tasks=args.tasks,
             as_tasks=args.as_tasks,
+            target_lang=args.target_lang,
             limit=args.limit,
             options=decode_options(args),
             progress=not args.no_progress,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Any
 
 import jiwer
 
@@ -64,5 +65,23 @@ def error_rates(
         "deletions": d,
         "insertions": ins,
         "ref_words": n_ref,
+        "utterances": len(refs),
+    }
+
+
+def translation_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
+    """sacrebleu corpus BLEU and chrF on raw (detokenised) text, each with its signature, so
+    a figure says how it was computed (tokeniser, smoothing, version)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    bleu, chrf = BLEU(), CHRF()
+    refs, hyps = list(references), list(hypotheses)
+    return {
+        "bleu": bleu.corpus_score(hyps, [refs]).score,
+        "chrf": chrf.corpus_score(hyps, [refs]).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
         "utterances": len(refs),
     }

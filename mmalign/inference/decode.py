@@ -55,13 +55,18 @@ def model_sha256(path: str | Path) -> str:
 
 
 def load_model(
-    path: str | Path | SpeechLLM, device: str = "cpu", dtype: str = "float32"
+    path: str | Path | SpeechLLM,
+    device: str = "cpu",
+    dtype: str = "float32",
+    llm: str | None = None,
 ) -> LoadedModel:
     """Load a ``.ckpt`` from ``mmalign fit`` or a directory from ``mmalign export`` (or take a
     SpeechLLM already in memory), in eval mode on ``device`` with weights cast to ``dtype``."""
     from mmalign.inference.export import CONFIG_NAME, load_checkpoint, load_exported
 
     if isinstance(path, SpeechLLM):
+        if llm is not None:
+            raise ValueError("another LLM (llm=...) can only be put under a loaded checkpoint")
         model = path.to(device=device, dtype=torch_dtype(dtype)).eval()
         return LoadedModel(model, None, "in-memory", None)
     path = Path(path).expanduser()
@@ -69,9 +74,9 @@ def load_model(
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is a folder without {CONFIG_NAME}: not an export")
-        model, kind = load_exported(path), "export"
+        model, kind = load_exported(path, llm=llm), "export"
     elif path.is_file():
-        model, kind = load_checkpoint(path), "checkpoint"
+        model, kind = load_checkpoint(path, llm=llm), "checkpoint"
     else:
         raise FileNotFoundError(f"model {path} not found (expected a .ckpt or an export folder)")
     model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
@@ -150,6 +155,7 @@ class DecodeOptions:
     device: str = "cpu"
     dtype: str = "float32"
     video_crop: int | None = 88
+    llm: str | None = None  # another LLM of the same architecture under the trained parts
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -235,6 +241,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int) -> 
     parser.add_argument(
         "--video-crop", type=int, default=88, help="centre crop of video frames (as in training)"
     )
+    parser.add_argument(
+        "--llm",
+        help="decode with this LLM instead of the trained one (same architecture and width, "
+        "e.g. the base model of an instruct model): adapter transfer",
+    )
 
 
 def decode_options(args: argparse.Namespace) -> DecodeOptions:
@@ -246,4 +257,5 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         device=args.device,
         dtype=args.dtype,
         video_crop=args.video_crop,
+        llm=args.llm,
     )

@@ -45,6 +45,7 @@ def describe(model: SpeechLLM) -> dict[str, Any]:
             **video,
             "task_modalities": {t: list(m) for t, m in model.task_modalities.items()},
             "llm": spec(model.llm),
+            "llm_architecture": model.llm.architecture(),
             "adapter": adapter.to_dict() if adapter is not None else None,
             "adapters": list(model.llm.model.peft_config) if adapter is not None else [],
             "lora_strategy": model.lora_strategy,
@@ -58,10 +59,32 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-def build_from_description(desc: dict[str, Any], with_adapter: bool = True) -> SpeechLLM:
+def build_from_description(
+    desc: dict[str, Any], with_adapter: bool = True, llm: str | None = None
+) -> SpeechLLM:
+    """Rebuild a model; ``llm`` puts another LLM (hub id, folder, GGUF, ``pinned:``) under the
+    trained projector and adapter, which must have the same architecture (adapter transfer,
+    e.g. train on an instruct model and decode with its base model)."""
     encoder = build(desc["encoder"])
     adapter = get_peft_config(desc["adapter"]) if with_adapter and desc.get("adapter") else None
-    llm = build(desc["llm"], adapter=adapter)
+    llm_spec = desc["llm"]
+    if llm is not None:
+        llm_spec = {**llm_spec, "init_args": {**llm_spec["init_args"], "source": llm}}
+        if llm_spec["init_args"].get("config") is not None and not llm.startswith("random"):
+            llm_spec["init_args"]["config"] = None
+    llm_model = build(llm_spec, adapter=adapter)
+    trained_on = desc.get("llm_architecture")
+    if llm is not None and trained_on is not None:
+        now = llm_model.architecture()
+        diff = {k: (v, now.get(k)) for k, v in trained_on.items() if now.get(k) != v}
+        if diff:
+            fields = ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"the adapter and projector were trained on {desc['llm']['init_args']['source']}"
+                f" but {llm} differs in {fields}; only an LLM of the same architecture and "
+                "width can take them"
+            )
+    llm = llm_model
     projector = build(desc["projector"], encoder.dim, llm.hidden_size)
     video_encoder = video_projector = None
     if desc.get("video_encoder"):
@@ -80,13 +103,24 @@ def build_from_description(desc: dict[str, Any], with_adapter: bool = True) -> S
     )
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> SpeechLLM:
-    """Rebuild a SpeechLLM from a Lightning checkpoint written by AlignmentModule."""
+def load_checkpoint(
+    path: str | Path, map_location: str = "cpu", llm: str | None = None
+) -> SpeechLLM:
+    """Rebuild a SpeechLLM from a Lightning checkpoint written by AlignmentModule (``llm``:
+    another LLM of the same architecture under the trained parts)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if CKPT_KEY not in ckpt:
         raise KeyError(f"{path} has no '{CKPT_KEY}' entry; was it written by mmalign fit?")
-    model = build_from_description(ckpt[CKPT_KEY])
+    model = build_from_description(ckpt[CKPT_KEY], llm=llm)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(
+            f"{path}: trained weights do not fit the model ({wrong[0]}: "
+            f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); "
+            "was it trained on an LLM of another size?"
+        )
     result = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = [k for k in result.missing_keys if k in trainable]
@@ -118,14 +152,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def load_exported(path: str | Path, device: str = "cpu") -> SpeechLLM:
+def load_exported(path: str | Path, device: str = "cpu", llm: str | None = None) -> SpeechLLM:
     """Load an exported directory: base LLM + peft adapter + projector weights."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: not an mmalign export directory")
     desc = json.loads(cfg_file.read_text())
-    model = build_from_description(desc, with_adapter=False)
+    model = build_from_description(desc, with_adapter=False, llm=llm)
     if (path / "adapter").is_dir():
         llm: CausalLM = model.llm
         names = desc.get("adapters") or [SHARED_ADAPTER]

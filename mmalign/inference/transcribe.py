@@ -306,7 +306,7 @@ def transcribe(
         raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
     out = Path(out_dir)
     items = collect_inputs(inputs)
-    speech_llm = load_model(model, options.device, options.dtype).model
+    speech_llm = load_model(model, options.device, options.dtype, options.llm).model
     if rate is not None:
         select_rates(speech_llm, [rate])  # raises for a rate the model lacks
         use_rate(speech_llm, rate)

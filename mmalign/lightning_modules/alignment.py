@@ -15,8 +15,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from mmalign.data.tasks import TRANSLATION_TASKS
 from mmalign.encoders.base import Encoder
-from mmalign.eval.metrics import error_rates
+from mmalign.eval.metrics import error_rates, translation_metrics
 from mmalign.llm.load import CausalLM
 from mmalign.model import SpeechLLM
 from mmalign.projectors.base import Projector
@@ -57,6 +58,11 @@ class AlignmentModule(L.LightningModule):
             ``encoder``: an audio-visual model (see :class:`mmalign.model.SpeechLLM`).
         video_projector: projector class for the video branch, built like ``projector``.
         task_modalities: extra task name -> modalities (``audio``, ``video``) entries.
+        init_from: a checkpoint of an earlier run (a curriculum stage) whose trained weights
+            (projectors, LoRA, trainable encoder parts) this model starts from; optimizer,
+            scheduler and step count start afresh.
+        init_adapter: ``continue`` trains the loaded LoRA on; ``fresh`` loads everything but
+            the LoRA, so the stage trains a new adapter from its usual initialisation.
         modality_dropout: training only: probabilities that an ``avsr`` sample is trained as
             ``asr`` (video dropped) or ``vsr`` (audio dropped), e.g. ``{asr: 0.25, vsr: 0.25}``,
             so one model serves all three tasks. Drawn from (``rate_seed``, step, batch index,
@@ -89,6 +95,8 @@ class AlignmentModule(L.LightningModule):
         video_projector: ProjectorFactory | None = None,
         task_modalities: dict[str, list[str]] | None = None,
         modality_dropout: dict[str, float] | None = None,
+        init_from: str | None = None,
+        init_adapter: str = "continue",
     ) -> None:
         super().__init__()
         if (video_encoder is None) != (video_projector is None):
@@ -123,6 +131,34 @@ class AlignmentModule(L.LightningModule):
         self._outputs: list[dict[str, Any]] = []
         self._skipped_total = 0
         self.strict_loading = False  # frozen weights are absent on purpose; checked below
+        if init_adapter not in ("continue", "fresh"):
+            raise ValueError(f"model.init_adapter={init_adapter!r}: use 'continue' or 'fresh'")
+        self.init_from = init_from
+        if init_from is not None:
+            self.load_trained(init_from, skip_lora=init_adapter == "fresh")
+
+    def load_trained(self, checkpoint: str, skip_lora: bool = False) -> list[str]:
+        """Start from another run's trained weights (a curriculum stage): every trainable
+        tensor of ``checkpoint`` must exist here with the same shape; optimizer, scheduler and
+        step start afresh. ``skip_lora`` keeps this model's new LoRA (a fresh adapter)."""
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in ckpt["state_dict"].items() if not (skip_lora and "lora_" in k)}
+        own = dict(self.state_dict())
+        trainable = self.trainable_names()
+        unknown = [k for k in state if k not in own or k not in trainable]
+        wrong = [
+            f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if unknown or wrong or not state:
+            raise ValueError(
+                f"model.init_from={checkpoint}: its weights do not fit this model "
+                f"(not trainable here: {unknown[:3]}; shape mismatches: {wrong[:3]}"
+                f"{'; nothing to load' if not state else ''})"
+            )
+        super().load_state_dict(state, strict=False)
+        return sorted(state)
 
     def _check_rates(
         self, sampling: str, weights: list[float] | None, strategy: str
@@ -317,9 +353,29 @@ class AlignmentModule(L.LightningModule):
             self.model.set_rate(before)
 
     def _collect(self, batch: dict[str, Any], hyps: list[str], rate: int | None) -> None:
-        for key, ref, hyp in zip(batch["keys"], batch["texts"], hyps, strict=True):
-            row = {"key": key, "reference": ref, "hypothesis": hyp}
+        tasks = self.model._tasks(batch)
+        for key, ref, hyp, task in zip(batch["keys"], batch["texts"], hyps, tasks, strict=True):
+            row = {"key": key, "task": task, "reference": ref, "hypothesis": hyp}
             self._outputs.append(row if rate is None else {**row, "rate": rate})
+
+    def _task_metrics(self, prefix: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """``{prefix}/{task}/wer`` (and cer), or ``/bleu`` and ``/chrf`` for translation."""
+        per_task: dict[str, Any] = {}
+        for task in sorted({o["task"] for o in outputs}):
+            rows = [o for o in outputs if o["task"] == task]
+            refs, hyps = [o["reference"] for o in rows], [o["hypothesis"] for o in rows]
+            if task in TRANSLATION_TASKS:
+                m = translation_metrics(refs, hyps)
+                names = ("bleu", "chrf")
+            else:
+                m = error_rates(refs, hyps, self.normalizer)
+                names = ("wer", "cer")
+            for name in names:
+                self.log(f"{prefix}/{task}/{name}", m[name], rank_zero_only=True)
+            if not self.trainer.sanity_checking:
+                self.print(f"{prefix}/{task}/{names[0]} = {m[names[0]]:.4f} on {len(rows)}")
+            per_task[task] = m
+        return per_task
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -340,13 +396,18 @@ class AlignmentModule(L.LightningModule):
         return outputs
 
     def _eval_end(self, prefix: str) -> dict[str, float] | None:
+        """Log per-rate, per-task and overall figures; ``{prefix}/wer`` is over the
+        transcription tasks at the default rate (what checkpoints monitor)."""
         outputs = self._gathered()
         if not outputs:
             return None
         per_rate: dict[int, dict[str, float]] = {}
+        by_rate = outputs
         if self.model.rates is not None:
             for r in self.model.rates:
-                rows = [o for o in outputs if o["rate"] == r]
+                rows = [o for o in outputs if o["rate"] == r and o["task"] not in TRANSLATION_TASKS]
+                if not rows:
+                    continue
                 per_rate[r] = error_rates(
                     [o["reference"] for o in rows], [o["hypothesis"] for o in rows], self.normalizer
                 )
@@ -354,37 +415,48 @@ class AlignmentModule(L.LightningModule):
                 self.log(f"{prefix}/cer_r{r}", per_rate[r]["cer"], rank_zero_only=True)
                 if not self.trainer.sanity_checking:
                     self.print(f"{prefix}/wer_r{r} = {per_rate[r]['wer']:.4f}")
-            default = self._default_rate()
-            by_rate = outputs
-            outputs = [o for o in outputs if o["rate"] == default]
-        rates = error_rates(
-            [o["reference"] for o in outputs], [o["hypothesis"] for o in outputs], self.normalizer
-        )
-        self.log(f"{prefix}/wer", rates["wer"], rank_zero_only=True)
-        self.log(f"{prefix}/cer", rates["cer"], rank_zero_only=True)
-        if not self.trainer.sanity_checking:
-            for o in outputs[: self.log_examples]:
-                self.print(f"  ref: {o['reference']}\n  hyp: {o['hypothesis']}")
-            self.print(f"{prefix}/wer = {rates['wer']:.4f} on {len(outputs)} utterances")
+            outputs = [o for o in outputs if o["rate"] == self._default_rate()]
+        per_task = self._task_metrics(prefix, outputs)
+        transcribed = [o for o in outputs if o["task"] not in TRANSLATION_TASKS]
+        rates: dict[str, float] | None = None
+        if transcribed:
+            rates = error_rates(
+                [o["reference"] for o in transcribed],
+                [o["hypothesis"] for o in transcribed],
+                self.normalizer,
+            )
+            self.log(f"{prefix}/wer", rates["wer"], rank_zero_only=True)
+            self.log(f"{prefix}/cer", rates["cer"], rank_zero_only=True)
+            if not self.trainer.sanity_checking:
+                for o in transcribed[: self.log_examples]:
+                    self.print(f"  ref: {o['reference']}\n  hyp: {o['hypothesis']}")
+                self.print(f"{prefix}/wer = {rates['wer']:.4f} on {len(transcribed)} utterances")
         if prefix == "test" and self.trainer.is_global_zero:
-            out_dir = Path(self.predictions_dir or self.trainer.log_dir or ".")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / "utterances.jsonl", "w") as f:
-                for o in outputs:
-                    f.write(json.dumps(o) + "\n")
-            for r in per_rate:
-                with open(out_dir / f"utterances_r{r}.jsonl", "w") as f:
-                    for o in by_rate:
-                        if o["rate"] == r:
-                            f.write(json.dumps(o) + "\n")
-            metrics: dict[str, Any] = {"normalizer": self.normalizer, **rates}
+            metrics: dict[str, Any] = {"normalizer": self.normalizer, **(rates or {})}
             if per_rate:
                 metrics["rate"] = self._default_rate()
                 metrics["rates"] = {str(r): v for r, v in per_rate.items()}
-            with open(out_dir / "test_metrics.json", "w") as f:
-                json.dump(metrics, f, indent=2)
-            self.print(f"test utterances and metrics written to {out_dir}")
+            metrics["tasks"] = per_task
+            self._write_test(outputs, by_rate if per_rate else [], metrics)
         return rates
+
+    def _write_test(
+        self, outputs: list[dict[str, Any]], by_rate: list[dict[str, Any]], metrics: dict
+    ) -> None:
+        """utterances.jsonl (default rate), utterances_r{rate}.jsonl, test_metrics.json."""
+        out_dir = Path(self.predictions_dir or self.trainer.log_dir or ".")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "utterances.jsonl", "w") as f:
+            for o in outputs:
+                f.write(json.dumps(o) + "\n")
+        for r in sorted({o["rate"] for o in by_rate}):
+            with open(out_dir / f"utterances_r{r}.jsonl", "w") as f:
+                for o in by_rate:
+                    if o["rate"] == r:
+                        f.write(json.dumps(o) + "\n")
+        with open(out_dir / "test_metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
+        self.print(f"test utterances and metrics written to {out_dir}")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftConfig, get_peft_model
@@ -97,6 +98,16 @@ def load_llm(
     return model, tok
 
 
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+
+
 class CausalLM(nn.Module):
     """A frozen decoder-only LLM, optionally wrapped by a peft adapter (LoRA by default).
 
@@ -133,6 +144,12 @@ class CausalLM(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def architecture(self) -> dict[str, Any]:
+        """The shape-defining config fields: an adapter trained on one LLM fits another only
+        when these agree (e.g. a base and an instruct model of one family)."""
+        cfg = self.model.config
+        return {k: getattr(cfg, k, None) for k in ARCHITECTURE_FIELDS}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)

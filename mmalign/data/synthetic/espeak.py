@@ -214,11 +214,7 @@ def _plan(
     max_digits: int,
 ) -> tuple[list[_Utterance], list[str], list[str]]:
     rng = random.Random(seed)
-    voices = list(english_voices())
-    if not 0 < held_out_voices < len(voices):
-        raise ValueError(f"held_out_voices must be in 1..{len(voices) - 1}, got {held_out_voices}")
-    held_out = sorted(rng.sample(voices, held_out_voices))
-    train_voices = [v for v in voices if v not in set(held_out)]
+    train_voices, held_out = split_voices(rng, english_voices(), held_out_voices)
 
     sentences = list(SENTENCES)
     rng.shuffle(sentences)
@@ -246,17 +242,30 @@ def _plan(
     for split in ("train", "val", "test"):
         pool = held_out if split == "test" else train_voices
         for i in range(counts[split]):
-            utterances.append(
-                _Utterance(
-                    key=f"{split}-{i:06d}",
-                    split=split,
-                    text=text_for(split),
-                    voice=rng.choice(pool),
-                    speed=rng.randint(130, 200),
-                    pitch=rng.randint(30, 70),
-                )
-            )
+            text = text_for(split)
+            voice = rng.choice(pool)
+            speed, pitch = draw_prosody(rng)
+            utterances.append(_Utterance(f"{split}-{i:06d}", split, text, voice, speed, pitch))
     return utterances, train_voices, held_out
+
+
+def split_voices(
+    rng: random.Random, voices: tuple[str, ...] | list[str], held_out_voices: int
+) -> tuple[list[str], list[str]]:
+    """``(train_voices, held_out)``: ``held_out_voices`` voices drawn for the test split only, so
+    that test scores measure generalisation to unseen speakers."""
+    voices = list(voices)
+    if not 0 < held_out_voices < len(voices):
+        raise ValueError(f"held_out_voices must be in 1..{len(voices) - 1}, got {held_out_voices}")
+    held_out = sorted(rng.sample(voices, held_out_voices))
+    train_voices = [v for v in voices if v not in set(held_out)]
+    return train_voices, held_out
+
+
+def draw_prosody(rng: random.Random) -> tuple[int, int]:
+    """Random espeak-ng ``(speed, pitch)``: words per minute and pitch (0-99), ranges that stay
+    intelligible, so that one voice does not always sound the same."""
+    return rng.randint(130, 200), rng.randint(30, 70)
 
 
 def _synthesize_one(utt: _Utterance, out_dir: Path) -> None:
@@ -363,7 +372,7 @@ def _write_manifests(
         with open(path, "w", encoding="utf-8") as fh:
             for u in utterances:
                 if u.split == split:
-                    fh.write(json.dumps(line(u)) + "\n")
+                    fh.write(json.dumps(line(u), ensure_ascii=False) + "\n")
         manifests[split] = path
     voices = {"train": train_voices, "held_out": held_out}
     (out / "voices.json").write_text(json.dumps(voices, indent=2) + "\n", encoding="utf-8")
