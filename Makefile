@@ -7,11 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmalign-installed
 DEMO   ?= runs/demo
 DEMO_CONFIG ?= configs/demo/whisper-tiny_smollm2-135m.yaml
+ST     ?= runs/st_demo
+ST_CONFIG ?= configs/demo/st_whisper-tiny_smollm2-135m.yaml
 AVSR   ?= runs/avsr_demo
 AVSR_CONFIG ?= configs/demo/avsr_whisper-tiny+vit-lips_smollm2-135m.yaml
 APT_PACKAGES := espeak-ng sox ffmpeg
 
-.PHONY: setup system-deps test demo demo-avsr lint format bench clean
+.PHONY: setup system-deps test demo demo-avsr demo-st lint format bench clean
 
 setup: $(STAMP) system-deps
 
@@ -62,6 +64,19 @@ demo-avsr: setup
 	$(BIN)/mmalign prepare $(AVSR)/corpus/test.jsonl $(AVSR)/shards/test
 	$(BIN)/mmalign fit --config $(AVSR_CONFIG)
 	$(BIN)/mmalign evaluate $(AVSR)/checkpoints/last.ckpt $(AVSR)/shards/test --out $(AVSR)/eval --as-tasks asr vsr avsr --snr clean 5 0 -5 --normalizer basic
+
+# Speech translation + ASR in one model: English speech, German targets from gettext catalogs,
+# trained in two curriculum stages (ASR, then ASR + ST); BLEU/chrF and WER before and after.
+demo-st: setup
+	$(BIN)/mmalign synth $(ST)/corpus --kind translation --n_train 1500 --n_val 32 --n_test 100
+	$(BIN)/mmalign prepare $(ST)/corpus/train.jsonl $(ST)/shards/train
+	$(BIN)/mmalign prepare $(ST)/corpus/val.jsonl $(ST)/shards/val
+	$(BIN)/mmalign prepare $(ST)/corpus/test.jsonl $(ST)/shards/test
+	$(BIN)/mmalign test --config $(ST_CONFIG) --model.predictions_dir $(ST)/before
+	$(BIN)/mmalign curriculum configs/demo/st_curriculum.yaml
+	$(BIN)/mmalign test --config $(ST_CONFIG) --ckpt_path $(ST)/curriculum/1-multitask/checkpoints/last.ckpt --model.predictions_dir $(ST)/after
+	@echo "== before ==" && cat $(ST)/before/test_metrics.json
+	@echo "== after ==" && cat $(ST)/after/test_metrics.json
 
 bench: setup
 	$(BIN)/python bench/encoder_window.py --threads 1

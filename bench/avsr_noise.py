@@ -168,7 +168,8 @@ def table(result: dict[str, Any]) -> str:
     head = " | ".join(f"{c} dB" if c != "clean" else "clean" for c in conds)
     lines = [
         f"WER % (per digit) on {st['test_utts']} held-out-voice test utterances of the synthetic "
-        f"lips corpus, babble noise; {st['steps']} training steps each",
+        f"lips corpus, babble noise; {st['steps']} training steps each; AVSR modality dropout "
+        f"{st.get('modality_dropout', 0.0):g} per asr/vsr",
         "",
         f"| model | {head} |",
         "|---|" + "---:|" * len(conds),
@@ -216,6 +217,12 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=20.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--modality-dropout", type=float, default=0.0, help="per asr/vsr")
+    parser.add_argument(
+        "--reuse-asr",
+        type=Path,
+        help="take the ASR-only row from this earlier results JSON (same settings) instead of "
+        "training it again",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/avsr_noise.json")
     parser.add_argument("--print", type=Path, help="only re-print the table of a results JSON")
     args = parser.parse_args()
@@ -226,10 +233,19 @@ def main() -> None:
     started = time.perf_counter()
     shards = corpus(args)
     runs, wer = {}, {}
-    asr = build(video=False, modality_dropout=0.0)
-    runs["asr"] = train("asr", asr, "asr", shards, args)
-    wer["asr"] = score("asr", asr, "asr", SNRS, shards["test"], args)
-    del asr
+    if args.reuse_asr:
+        earlier = json.loads(args.reuse_asr.read_text())
+        keys = ("steps", "train_utts", "test_utts", "batch_seconds", "batch_size")
+        differ = [k for k in keys if earlier["settings"][k] != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"{args.reuse_asr} was run with other settings: {differ}")
+        runs["asr"] = {**earlier["runs"]["asr"], "reused_from": str(args.reuse_asr)}
+        wer["asr"] = earlier["wer"]["asr"]
+    else:
+        asr = build(video=False, modality_dropout=0.0)
+        runs["asr"] = train("asr", asr, "asr", shards, args)
+        wer["asr"] = score("asr", asr, "asr", SNRS, shards["test"], args)
+        del asr
     avsr = build(video=True, modality_dropout=args.modality_dropout)
     runs["avsr"] = train("avsr", avsr, "avsr", shards, args)
     wer["avsr"] = score("avsr", avsr, "avsr", SNRS, shards["test"], args)
