@@ -76,9 +76,8 @@ class SpeechLLM(nn.Module):
                     "video_encoder adds a video branch to an audio model: the encoder reads "
                     f"{encoder.modality!r} and the video_encoder {video_encoder.modality!r}"
                 )
-        unknown = [m for m in (encoder.modality,) if m not in MODALITY_ORDER]
-        if unknown:
-            raise ValueError(f"unknown modality {unknown[0]!r}; known: {MODALITY_ORDER}")
+        if encoder.modality not in MODALITY_ORDER:
+            raise ValueError(f"unknown modality {encoder.modality!r}; known: {MODALITY_ORDER}")
         self.task_modalities = {
             **TASK_MODALITIES,
             **{t: tuple(m) for t, m in (task_modalities or {}).items()},
