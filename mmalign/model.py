@@ -139,15 +139,20 @@ class SpeechLLM(nn.Module):
         """The modalities this model reads, in sequence order."""
         return tuple(self.branches())
 
+    @property
+    def default_task(self) -> str:
+        """The task that uses every input this model reads: ``asr``, ``vsr`` or ``avsr``."""
+        return {("video",): "vsr", ("audio", "video"): "avsr"}.get(self.modalities, "asr")
+
     def modalities_of(self, task: str) -> tuple[str, ...]:
         """The spans a sample of ``task`` gets; a task the model cannot serve is an error."""
         wanted = self.task_modalities.get(task, self.modalities)
         missing = [m for m in wanted if m not in self.modalities]
         if missing:
-            hint = {"audio": "asr", "video": "vsr"}.get(self.modalities[0], "")
             raise ValueError(
                 f"task {task!r} needs {missing[0]} but this model reads only "
-                f"{list(self.modalities)}; give the data a task it serves (e.g. data.task: {hint})"
+                f"{list(self.modalities)}; give the data a task it serves "
+                f"(e.g. data.task: {self.default_task})"
             )
         return wanted
 

@@ -37,7 +37,13 @@ from mmalign.data.pipeline import SampleError, decode_sample, resolve_shards
 from mmalign.data.tasks import TRANSLATION_TASKS, TaskError, apply_task
 from mmalign.eval.metrics import NORMALIZERS, error_rates, translation_metrics
 from mmalign.eval.noise import BABBLE, build_noise, mix
-from mmalign.inference.audio import AudioReadError, read_audio, read_video, with_video
+from mmalign.inference.audio import (
+    AudioReadError,
+    read_audio,
+    read_video,
+    resolve_path,
+    with_video,
+)
 from mmalign.inference.decode import (
     DecodeOptions,
     add_decoding_arguments,
@@ -122,7 +128,7 @@ def read_manifest_samples(
                     raise ValueError("missing 'audio' path")
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError("missing 'text'")
-                path = _resolve(manifest, audio)
+                path = resolve_path(manifest.parent, audio)
                 wave = read_audio(path, sample_rate)
                 sample = {
                     "__key__": str(obj.get("key", obj.get("id", Path(audio).with_suffix("")))),
@@ -133,7 +139,9 @@ def read_manifest_samples(
                     "meta": obj,
                 }
                 if obj.get("video"):
-                    frames, fps = read_video(_resolve(manifest, obj["video"]), obj.get("video_fps"))
+                    frames, fps = read_video(
+                        resolve_path(manifest.parent, obj["video"]), obj.get("video_fps")
+                    )
                     sample = with_video(sample, frames, fps, sample_rate)
             except (ValueError, AudioReadError) as exn:
                 log.warning("skipping %s: %s", where, exn)
@@ -143,11 +151,6 @@ def read_manifest_samples(
             if limit is not None and len(samples) >= limit:
                 break
     return samples, skipped
-
-
-def _resolve(manifest: Path, name: str) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else manifest.parent / path
 
 
 def read_samples(

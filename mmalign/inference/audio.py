@@ -88,6 +88,12 @@ def find_audio(folder: str | Path) -> list[Path]:
     )
 
 
+def resolve_path(base: Path, name: str) -> Path:
+    """``name`` from a manifest or list: absolute as written, else relative to ``base``."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 VIDEO_EXTENSIONS = (".npy", ".mp4", ".mkv", ".mov", ".webm", ".avi")
 """Files read as mouth-region video: ``.npy`` uint8 ``T x H x W`` arrays or containers."""
 

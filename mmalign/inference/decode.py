@@ -131,7 +131,7 @@ def needs_waveform(model: SpeechLLM) -> bool:
 
 def default_task(model: SpeechLLM) -> str:
     """The task a model serves with every input it reads: ``asr``, ``vsr`` or ``avsr``."""
-    return {("video",): "vsr", ("audio", "video"): "avsr"}.get(model.modalities, "asr")
+    return model.default_task
 
 
 def features_for(model: SpeechLLM, sample_rate: int = 16000) -> WhisperFeatures:

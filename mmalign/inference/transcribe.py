@@ -44,6 +44,7 @@ from mmalign.inference.audio import (
     find_audio,
     read_audio,
     read_video,
+    resolve_path,
     with_video,
 )
 from mmalign.inference.chunking import Chunk, chunk_bounds, join_chunks
@@ -112,15 +113,10 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[InputItem]:
     return list(unique.values())
 
 
-def _resolve(base: Path, name: str) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 def _list_items(listing: Path) -> list[InputItem]:
     lines = listing.read_text(encoding="utf-8").splitlines()
     names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    return [InputItem(_resolve(listing.parent, n)) for n in names]
+    return [InputItem(resolve_path(listing.parent, n)) for n in names]
 
 
 def _manifest_items(manifest: Path) -> list[InputItem]:
@@ -140,8 +136,8 @@ def _manifest_items(manifest: Path) -> list[InputItem]:
             continue
         assert isinstance(obj, dict)
         if isinstance(obj.get("video"), str) and obj["video"]:
-            obj["_video_path"] = str(_resolve(manifest.parent, obj["video"]))
-        items.append(InputItem(_resolve(manifest.parent, audio), meta=obj))
+            obj["_video_path"] = str(resolve_path(manifest.parent, obj["video"]))
+        items.append(InputItem(resolve_path(manifest.parent, audio), meta=obj))
     return items
 
 
