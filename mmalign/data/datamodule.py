@@ -89,6 +89,8 @@ class ShardDataModule(L.LightningDataModule):
         babble_speakers: Utterances summed into one babble.
         task: Replaces every sample's task in every split (e.g. ``vsr`` to train a video-only
             model on an audio-visual corpus); None keeps the shards' own.
+        max_audio_seconds: Skip (and count) samples longer than this; None: no limit.
+        max_text_chars: Skip (and count) samples whose target text is longer; None: no limit.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ class ShardDataModule(L.LightningDataModule):
         noise_prob: float = 1.0,
         babble_speakers: int = 3,
         task: str | None = None,
+        max_audio_seconds: float | None = None,
+        max_text_chars: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -130,7 +134,10 @@ class ShardDataModule(L.LightningDataModule):
             noise_prob=noise_prob,
             babble_speakers=babble_speakers,
             task=task,
+            max_audio_seconds=max_audio_seconds,
+            max_text_chars=max_text_chars,
         )
+        self.max_audio_seconds, self.max_text_chars = max_audio_seconds, max_text_chars
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
@@ -294,6 +301,8 @@ class ShardDataModule(L.LightningDataModule):
                 require_video=self.require_video,
                 task=self.task,
                 mix=self.mixes.get(split),
+                max_audio_seconds=self.max_audio_seconds,
+                max_text_chars=self.max_text_chars,
             )
             if train:
                 pipe.set_epoch(self._train_epoch)
@@ -329,6 +338,8 @@ def _check_settings(
     noise_prob: Any,
     babble_speakers: Any,
     task: Any,
+    max_audio_seconds: Any = None,
+    max_text_chars: Any = None,
 ) -> None:
     """Fail at start-up, naming the argument, rather than in a DataLoader worker mid-epoch."""
 
@@ -371,5 +382,13 @@ def _check_settings(
         problems.append(f"babble_speakers={babble_speakers!r} must be an int >= 1")
     if task is not None and (not isinstance(task, str) or not task.strip() or " " in task):
         problems.append(f"task={task!r} must be a task name such as 'asr', 'vsr' or 'avsr'")
+    if max_audio_seconds is not None and not (
+        isinstance(max_audio_seconds, (int, float))
+        and not isinstance(max_audio_seconds, bool)
+        and max_audio_seconds > 0
+    ):
+        problems.append(f"max_audio_seconds={max_audio_seconds!r} must be > 0 or None")
+    if max_text_chars is not None and not (is_int(max_text_chars) and max_text_chars >= 1):
+        problems.append(f"max_text_chars={max_text_chars!r} must be an int >= 1 or None")
     if problems:
         raise ValueError("ShardDataModule: " + "; ".join(problems))

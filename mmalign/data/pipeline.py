@@ -90,6 +90,8 @@ SKIP_REASONS = (
     "missing target_lang",
     "undecodable audio",
     "empty audio",
+    "audio too long",
+    "text too long",
     "missing video",
     "undecodable video",
     "video smaller than crop",
@@ -299,8 +301,13 @@ def decode_sample(
     require_video: bool = False,
     task: str | None = None,
     target_lang: str | None = None,
+    max_audio_seconds: float | None = None,
+    max_text_chars: int | None = None,
 ) -> dict[str, Any]:
     """Raw tar sample (bytes per extension) to a decoded sample; raises :class:`SampleError`.
+
+    ``max_audio_seconds`` and ``max_text_chars`` reject over-long samples (after the task has
+    picked the target text), which would otherwise blow a batch's memory.
 
     ``text`` is the target of the sample's task (``task`` overrides the JSON's): the transcript,
     or for translation the ``translation`` into ``target_lang`` (see :mod:`mmalign.data.tasks`);
@@ -346,10 +353,19 @@ def decode_sample(
         sample["video"], sample["video_fps"] = frames, fps
     sample["audio"] = wave
     sample["duration"] = wave.numel() / sample_rate
+    if max_audio_seconds is not None and sample["duration"] > max_audio_seconds:
+        raise SampleError(
+            f"audio too long: {sample['duration']:.1f} s > max_audio_seconds={max_audio_seconds}"
+        )
     try:
-        return apply_task(sample, task, target_lang)
+        sample = apply_task(sample, task, target_lang)
     except TaskError as exn:
         raise SampleError(str(exn).replace(" into ", ": into ", 1)) from exn
+    if max_text_chars is not None and len(sample["text"]) > max_text_chars:
+        raise SampleError(
+            f"text too long: {len(sample['text'])} characters > max_text_chars={max_text_chars}"
+        )
+    return sample
 
 
 class EpochState:
@@ -503,9 +519,11 @@ class _Decode(wds.PipelineStage):
         require_video: bool = False,
         task: str | None = None,
         target_lang: str | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> None:
         self.sample_rate, self.counter = sample_rate, counter
         self.require_video, self.task, self.target_lang = require_video, task, target_lang
+        self.limits = dict(limits or {})
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for raw in src:
@@ -516,6 +534,7 @@ class _Decode(wds.PipelineStage):
                     require_video=self.require_video,
                     task=self.task,
                     target_lang=self.target_lang,
+                    **self.limits,
                 )
             except Exception as exn:
                 self.counter.skip(str(exn), url=raw.get("__url__"), key=raw.get("__key__"))
@@ -611,6 +630,8 @@ def build_pipeline(
     require_video: bool = False,
     task: str | None = None,
     mix: Sequence[tuple[MixSource, list[str]]] | None = None,
+    max_audio_seconds: float | None = None,
+    max_text_chars: int | None = None,
 ) -> ShardPipeline:
     """The batch stream over ``urls``. ``train`` shuffles shards, samples and batch order;
     otherwise one deterministic pass. ``batches_per_worker`` makes the stream endless (shards are
@@ -622,8 +643,10 @@ def build_pipeline(
     ``require_video`` drops samples without video; ``task`` replaces every sample's task.
     ``mix`` (pairs of :class:`MixSource` and its shard URLs) replaces ``urls`` with several
     shard sets, each decoded with its own task and target language, drawn by weight.
+    ``max_audio_seconds``/``max_text_chars`` skip over-long samples.
     """
     counter, state = SkipCounter(), EpochState()
+    limits = {"max_audio_seconds": max_audio_seconds, "max_text_chars": max_text_chars}
     parts = _SeedParts(state)
 
     def decoded(
@@ -639,7 +662,7 @@ def build_pipeline(
         ]
         if train and shuffle_buffer > 1:
             chain.append(_SeededShuffle(shuffle_buffer, src_seed, parts))
-        chain.append(_Decode(features.sample_rate, counter, require_video, src_task, tgt))
+        chain.append(_Decode(features.sample_rate, counter, require_video, src_task, tgt, limits))
         return chain
 
     if mix:
