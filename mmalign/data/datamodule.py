@@ -4,13 +4,28 @@ Each split is a shard folder (with ``index.json``), an ``index.json``, a ``.tar`
 pattern. Batches follow the schema in :mod:`mmalign.data.collate`; batching (by duration) happens
 inside the pipeline, in the DataLoader workers, so the loaders use ``batch_size=None``.
 
-Training streams endlessly over the shards (reshuffled on every pass) and cuts an epoch after a
-fixed number of batches per worker, derived from the index's sample count (or ``epoch_size``)
-divided by the world size and an estimate of samples per batch. Cutting in batches rather than
-samples gives every rank the same number of steps, which DDP needs: duration batching would
-otherwise give ranks different step counts and hang the gradient all-reduce. Without a sample
-count (a glob with no ``index.json`` beside it and no ``epoch_size``) an epoch is one pass.
-Validation, test and predict make one deterministic pass, each sample exactly once.
+*Sharded streaming.* Every rank and worker reads its own shards (a seeded permutation of the
+list, the same on all of them, split by rank, then by worker; with fewer shards than slots every
+slot reads all shards and keeps every k-th sample). Training has two modes:
+
+- ``resampled`` (default): an endless stream over the shards, reshuffled on every pass; an epoch
+  is a fixed number of batches per worker, derived from the index's sample count (or
+  ``epoch_size``) divided by the world size and an estimate of samples per batch. Without a
+  sample count an epoch is one pass.
+- ``exact``: one pass per epoch, each sample once. Shards rarely divide evenly, so ranks run
+  out at different steps: a rank that is done pads with weight-0 copies of its last batch until
+  all are (see :class:`mmalign.data.pipeline.ShardLoader`), so no rank hangs at epoch end.
+
+Validation, test and predict make one deterministic pass, each sample exactly once (padded the
+same way under DDP).
+
+*Exact resume.* Every training batch carries its loader position; the position of the last
+batch handed to the model goes into each checkpoint (:meth:`ShardDataModule.state_dict`, from
+every rank), and a run resumed from it replays the epoch's stream up to that point without
+computing features, so it sees the same samples in the same order as an uninterrupted run.
+
+*Dirty data* is skipped and counted per reason (``skipped_by_reason``) and logged per epoch;
+``max_skip_rate`` stops a run whose shards are mostly unusable.
 
 Lip video in the shards (``prepare`` with a ``video`` column) comes out as ``video`` batches:
 training clips get a random ``video_crop`` window, flips and optional time masks; the other
@@ -91,6 +106,11 @@ class ShardDataModule(L.LightningDataModule):
             model on an audio-visual corpus); None keeps the shards' own.
         max_audio_seconds: Skip (and count) samples longer than this; None: no limit.
         max_text_chars: Skip (and count) samples whose target text is longer; None: no limit.
+        sampling: Training stream: ``resampled`` (endless, fixed epoch length) or ``exact``
+            (each sample once per epoch; ranks pad to the same number of steps).
+        max_skip_rate: Stop with an error when more than this share of the samples read in a
+            split were unusable (None: never).
+        skip_rate_min_samples: Samples read before ``max_skip_rate`` is judged.
     """
 
     def __init__(
@@ -121,6 +141,9 @@ class ShardDataModule(L.LightningDataModule):
         task: str | None = None,
         max_audio_seconds: float | None = None,
         max_text_chars: int | None = None,
+        sampling: str = "resampled",
+        max_skip_rate: float | None = 0.1,
+        skip_rate_min_samples: int = 200,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -136,7 +159,12 @@ class ShardDataModule(L.LightningDataModule):
             task=task,
             max_audio_seconds=max_audio_seconds,
             max_text_chars=max_text_chars,
+            sampling=sampling,
+            max_skip_rate=max_skip_rate,
+            skip_rate_min_samples=skip_rate_min_samples,
         )
+        self.sampling = sampling
+        self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
         self.max_audio_seconds, self.max_text_chars = max_audio_seconds, max_text_chars
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
         self.max_batch_seconds = max_batch_seconds
@@ -188,6 +216,8 @@ class ShardDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"ShardDataModule {split}={spec!r}: {exn}") from exn
         self._pipelines: dict[str, ShardPipeline] = {}
         self._train_epoch = 0
+        self._resume: dict[str, Any] | None = None
+        self._consumed: dict[str, Any] | None = None
 
     def _resolve_mix(self, split: str, sources: Any) -> ShardSet:
         """Resolve every source of a mixture; the split's counts are the sources' sums."""
@@ -230,15 +260,47 @@ class ShardDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> ShardLoader:
         return self._loader("predict")
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Remember the loader position of the training batch about to be used (for
+        checkpoints); everything else passes untouched."""
+        trainer = self.trainer
+        if (
+            trainer is not None
+            and trainer.training
+            and isinstance(batch, dict)
+            and isinstance(batch.get("position"), dict)
+        ):
+            self._consumed = batch["position"]
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        """The next training epoch, so that a resumed run does not replay epoch 0's shuffle."""
+        """The training data position: the epoch to run next and, mid-epoch, every rank's loader
+        state after its last consumed batch (gathered, so call it on all ranks, as Lightning
+        does when it saves a checkpoint)."""
         pipe = self._pipelines.get("train")
-        return {"train_epoch": pipe.state.next if pipe is not None else self._train_epoch}
+        if pipe is None or not pipe.state.started:
+            state: dict[str, Any] = {"train_epoch": self._train_epoch}
+            if self._resume is not None:
+                state["position"] = self._resume
+            return state
+        current = pipe.state.current
+        mine = self._consumed if self._consumed and self._consumed["epoch"] == current else None
+        if pipe.state.finished == current:
+            return {"train_epoch": current + 1}
+        ranks = _gather(mine)
+        if all(r is None for r in ranks):
+            return {"train_epoch": current}
+        return {"train_epoch": current, "position": {"epoch": current, "ranks": ranks}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_epoch = int(state_dict.get("train_epoch", 0))
+        self._resume = state_dict.get("position")
         if "train" in self._pipelines:
-            self._pipelines["train"].set_epoch(self._train_epoch)
+            self._apply_resume(self._pipelines["train"])
+
+    def _apply_resume(self, pipe: ShardPipeline) -> None:
+        pipe.set_epoch(self._train_epoch)
+        pipe.state.resume = self._resume
 
     # ---------------------------------------------------------------- public helpers
     def num_samples(self, split: str) -> int | None:
@@ -265,6 +327,8 @@ class ShardDataModule(L.LightningDataModule):
         """Batches each worker yields per training epoch; None means one pass per epoch."""
         shard_set = self.shard_sets.get("train")
         if shard_set is None:
+            return None
+        if self.sampling == "exact":
             return None
         total = self.epoch_size or shard_set.samples
         if not total:
@@ -305,13 +369,19 @@ class ShardDataModule(L.LightningDataModule):
                 max_text_chars=self.max_text_chars,
             )
             if train:
-                pipe.set_epoch(self._train_epoch)
+                self._apply_resume(pipe)
             self._pipelines[split] = pipe
         return self._pipelines[split]
 
     # ---------------------------------------------------------------- internals
     def _loader(self, split: str) -> ShardLoader:
-        return make_loader(self.pipeline(split), self.num_workers)
+        return make_loader(
+            self.pipeline(split),
+            self.num_workers,
+            max_skip_rate=None if split == "predict" else self.max_skip_rate,
+            min_samples=self.skip_rate_min_samples,
+            split=split,
+        )
 
     def _check_split(self, split: str) -> None:
         if split not in SPLITS:
@@ -327,6 +397,15 @@ class ShardDataModule(L.LightningDataModule):
         return max(1, pytorch_worker_info()[1])
 
 
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (just ``[value]`` without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(values, value)
+        return values
+    return [value]
+
+
 def _check_settings(
     *,
     video_crop: Any,
@@ -340,6 +419,9 @@ def _check_settings(
     task: Any,
     max_audio_seconds: Any = None,
     max_text_chars: Any = None,
+    sampling: Any = "resampled",
+    max_skip_rate: Any = None,
+    skip_rate_min_samples: Any = 200,
 ) -> None:
     """Fail at start-up, naming the argument, rather than in a DataLoader worker mid-epoch."""
 
@@ -390,5 +472,11 @@ def _check_settings(
         problems.append(f"max_audio_seconds={max_audio_seconds!r} must be > 0 or None")
     if max_text_chars is not None and not (is_int(max_text_chars) and max_text_chars >= 1):
         problems.append(f"max_text_chars={max_text_chars!r} must be an int >= 1 or None")
+    if sampling not in ("resampled", "exact"):
+        problems.append(f"sampling={sampling!r} must be 'resampled' or 'exact'")
+    if max_skip_rate is not None and not is_prob(max_skip_rate):
+        problems.append(f"max_skip_rate={max_skip_rate!r} must be in [0, 1] or None")
+    if not (is_int(skip_rate_min_samples) and skip_rate_min_samples >= 1):
+        problems.append(f"skip_rate_min_samples={skip_rate_min_samples!r} must be an int >= 1")
     if problems:
         raise ValueError("ShardDataModule: " + "; ".join(problems))

@@ -104,6 +104,20 @@ SKIP_REASONS = (
 counted as ``other`` there (and under their own name in the per-process ``by_reason``)."""
 
 
+FILTER_REASONS = frozenset(
+    {
+        "missing translation",
+        "missing target_lang",
+        "missing video",
+        "audio too long",
+        "text too long",
+        "video smaller than crop",
+    }
+)
+"""Skips that filter by configuration (task, limits, crop) rather than damage; ``max_skip_rate``
+does not count them."""
+
+
 class SampleError(ValueError):
     """A sample that cannot be used (bad audio, JSON or fields)."""
 
@@ -127,6 +141,8 @@ class SkipCounter:
         self._local_reasons: Counter[str] = Counter()
         self._shared: Any = multiprocessing.RawArray("q", self.SLOTS)
         self._shared_reasons: Any = multiprocessing.RawArray("q", self.SLOTS * len(SKIP_REASONS))
+        self._shared_seen: Any = multiprocessing.RawArray("q", self.SLOTS)
+        self._local_seen = 0
 
     @property
     def total(self) -> int:
@@ -134,6 +150,24 @@ class SkipCounter:
         if self._shared is None:
             return self._local_total
         return int(sum(self._shared))
+
+    @property
+    def seen(self) -> int:
+        """Samples read by all processes sharing this counter (used or skipped)."""
+        if self._shared_seen is None:
+            return self._local_seen
+        return int(sum(self._shared_seen))
+
+    def saw(self) -> None:
+        """Count one sample read (the denominator of the skip rate)."""
+        self._local_seen += 1
+        if self._shared_seen is not None:
+            self._shared_seen[self._slot()] += 1
+
+    @staticmethod
+    def _slot() -> int:
+        info = torch.utils.data.get_worker_info()
+        return 0 if info is None else 1 + info.id % (SkipCounter.SLOTS - 1)
 
     def totals_by_reason(self) -> dict[str, int]:
         """Drops per reason counted by all processes sharing this counter (nonzero ones)."""
@@ -155,8 +189,7 @@ class SkipCounter:
         known = reason if reason in SKIP_REASONS else "other"
         self._local_reasons[known] += 1
         if self._shared is not None:
-            info = torch.utils.data.get_worker_info()
-            slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+            slot = self._slot()
             self._shared[slot] += 1
             self._shared_reasons[slot * len(SKIP_REASONS) + SKIP_REASONS.index(known)] += 1
 
@@ -169,6 +202,7 @@ class SkipCounter:
         """webdataset ``handler=`` for tar-level errors: log, count, keep going. (webdataset's own
         ``warn_and_continue`` sleeps half a second per error.)"""
         log.warning("skipping unreadable shard data: %r", exn)
+        self.saw()
         self._count("unreadable shard data")
         return True
 
@@ -182,6 +216,8 @@ class SkipCounter:
         if get_spawning_popen() is None:  # shared memory only travels to new processes
             state["_shared"] = None
             state["_shared_reasons"] = None
+            state["_shared_seen"] = None
+            state["_local_seen"] = self.seen
             state["_local_total"] = self.total
             state["_local_reasons"] = Counter(self.totals_by_reason())
         return state
@@ -369,11 +405,34 @@ def decode_sample(
 
 
 class EpochState:
-    """Epoch number shared by the stages of one pipeline copy; advanced by :class:`ShardLoader`."""
+    """Epoch number shared by the stages of one pipeline copy; advanced by :class:`ShardLoader`.
+
+    ``resume`` holds a saved data position (see :meth:`ShardLoader.position`): in epoch
+    ``resume["epoch"]`` every worker skips the batches the checkpointed run had consumed.
+    ``finished`` is the last epoch whose loader ran to its end.
+    """
 
     def __init__(self) -> None:
         self.current = 0
         self.next = 0
+        self.started = False
+        self.finished: int | None = None
+        self.resume: dict[str, Any] | None = None
+        self.sentinels = False
+
+    def skip(self, rank: int, worker: int) -> int:
+        """Batches worker ``worker`` of ``rank`` skips in the current epoch (resume)."""
+        resume = self.resume
+        if not resume or resume.get("epoch") != self.current:
+            return 0
+        ranks = resume.get("ranks") or []
+        if rank >= len(ranks) or ranks[rank] is None:
+            return 0
+        return int(ranks[rank]["seqs"].get(worker, ranks[rank]["seqs"].get(str(worker), 0)))
+
+
+END = "__end_of_worker__"
+"""Key of the marker a worker sends after its last batch (consumed by :class:`ShardLoader`)."""
 
 
 def _slots(n_urls: int) -> tuple[bool, int, int]:
@@ -527,6 +586,7 @@ class _Decode(wds.PipelineStage):
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for raw in src:
+            self.counter.saw()
             try:
                 sample = decode_sample(
                     raw,
@@ -581,35 +641,75 @@ class _NoiseStage(wds.PipelineStage):
             yield self.noise(samples, rng)
 
 
-class _Collate(wds.PipelineStage):
-    """Collate each sample list and attach the worker's skip count since its previous batch."""
-
-    def __init__(self, collator: Collator, counter: SkipCounter) -> None:
-        self.collator, self.counter = collator, counter
-
-    def run(self, src: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        for samples in src:
-            try:
-                batch = self.collator(samples)
-            except Exception as exn:
-                for s in samples:
-                    self.counter.skip(f"collate failed: {exn}", url=s["__url__"], key=s["__key__"])
-                continue
-            batch["skipped"] = self.counter.take()
-            yield batch
-
-
 class ShardPipeline(wds.DataPipeline):
-    """A ``wds.DataPipeline`` of batches that also carries its epoch state and skip counter."""
+    """A ``wds.DataPipeline`` of sample lists, collated into batches by :meth:`__iter__`, which
+    also cuts epochs, skips already-consumed batches when resuming, and stamps every batch with
+    its ``position``: ``(epoch, rank, worker, seq)``, ``seq`` counting the worker's sample lists
+    in this epoch (collate failures included, so positions never depend on what failed)."""
 
-    def __init__(self, *stages: Any, counter: SkipCounter, state: EpochState) -> None:
+    def __init__(
+        self,
+        *stages: Any,
+        collator: Collator,
+        counter: SkipCounter,
+        state: EpochState,
+        batches_per_worker: int | None = None,
+    ) -> None:
         super().__init__(*stages)
+        self.collator = collator
         self.counter = counter
         self.state = state
+        self.batches_per_worker = batches_per_worker
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` through a :class:`ShardLoader` run epoch ``epoch``."""
         self.state.next = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch for this rank and worker: one pass, or with ``batches_per_worker`` passes
+        over reshuffled shards until that many batches."""
+        rank, _, worker, _ = pytorch_worker_info()
+        _reset_passes(self.pipeline)
+        skip = self.state.skip(rank, worker)
+        limit = self.batches_per_worker
+        seq = 0
+        while limit is None or seq < limit:
+            produced = 0
+            for samples in self.iterator1():
+                produced += 1
+                if seq >= skip:
+                    batch = self._collate(samples)
+                    if batch is not None:
+                        batch["position"] = (self.state.current, rank, worker, seq)
+                        yield batch
+                seq += 1
+                if limit is not None and seq >= limit:
+                    break
+            if limit is None or produced == 0:
+                break
+        if self.state.sentinels:
+            yield {END: worker}
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The batch with the worker's skip count since its previous batch; None if it fails."""
+        try:
+            batch = self.collator(samples)
+        except Exception as exn:
+            for s in samples:
+                self.counter.skip(f"collate failed: {exn}", url=s["__url__"], key=s["__key__"])
+            return None
+        batch["skipped"] = self.counter.take()
+        return batch
+
+
+def _reset_passes(stages: Iterable[Any]) -> None:
+    """Restart every stage's pass counter, so a worker's seeds depend on the epoch and the
+    pass within it, never on how many epochs this copy of the pipeline has run before."""
+    for stage in stages:
+        if hasattr(stage, "runs"):
+            stage.runs = 0
+        for chain in getattr(stage, "chains", ()):
+            _reset_passes(chain.pipeline)
 
 
 def build_pipeline(
@@ -687,31 +787,217 @@ def build_pipeline(
     )
     if train and noise is not None and noise.enabled:
         stages.append(_NoiseStage(noise, seed, parts))
-    stages.append(_Collate(Collator(features, keep_waveform, video_crop), counter))
-    pipeline = ShardPipeline(*stages, counter=counter, state=state)
-    if batches_per_worker is not None:
-        pipeline = pipeline.with_epoch(nbatches=max(1, int(batches_per_worker)))
-    return pipeline
+    return ShardPipeline(
+        *stages,
+        collator=Collator(features, keep_waveform, video_crop),
+        counter=counter,
+        state=state,
+        batches_per_worker=None if batches_per_worker is None else max(1, int(batches_per_worker)),
+    )
+
+
+class DataQualityError(RuntimeError):
+    """Too many samples of a split were skipped as unusable (see ``max_skip_rate``)."""
 
 
 class ShardLoader(DataLoader):
     """DataLoader for a :class:`ShardPipeline` (use ``batch_size=None``) that starts a new epoch
-    of the pipeline on every ``iter()``, before workers take their copies."""
+    of the pipeline on every ``iter()`` and makes what it yields exact and resumable:
+
+    - batches come from the workers in a fixed round-robin order (worker 0, 1, ...; a worker
+      leaves the cycle once it sends its end marker), whatever order they finish in, so a run
+      is a function of its seed alone;
+    - every batch's ``position`` becomes the loader state *after* it (epoch, batches taken
+      from each worker, the worker next in turn): the state to save in a checkpoint;
+    - under torch.distributed every rank yields the same number of batches: a rank that runs
+      out yields copies of its last batch marked ``pad: True`` (weight 0) until all are done,
+      so no collective call hangs at epoch end;
+    - ``max_skip_rate`` stops the run with :class:`DataQualityError` when more than that share
+      of the samples read so far were damaged (filters such as
+      ``max_audio_seconds`` aside; checked once ``min_samples`` were read).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        max_skip_rate: float | None = None,
+        min_samples: int = 200,
+        split: str = "data",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_skip_rate, self.min_samples, self.split = max_skip_rate, min_samples, split
+        if isinstance(self.dataset, ShardPipeline):
+            self.dataset.state.sentinels = True
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         dataset = self.dataset
         if not isinstance(dataset, ShardPipeline):
             return super().__iter__()
-        dataset.state.current = dataset.state.next
-        dataset.state.next += 1
-        return super().__iter__()
+        state = dataset.state
+        state.current = state.next
+        state.next += 1
+        state.started = True
+        workers = max(1, self.num_workers)
+        resume = _rank_resume(state, workers)
+        merged = _round_robin(super().__iter__(), workers, state.current, resume)
+        return self._finish(_even_ranks(merged), dataset)
+
+    def _finish(
+        self, batches: Iterator[dict[str, Any]], dataset: ShardPipeline
+    ) -> Iterator[dict[str, Any]]:
+        counter, epoch = dataset.counter, dataset.state.current
+        before = counter.totals_by_reason()
+        for i, batch in enumerate(batches):
+            if self.max_skip_rate is not None and i % 10 == 0:
+                self.check_skip_rate(counter)
+            yield batch
+        if self.max_skip_rate is not None:
+            self.check_skip_rate(counter)
+        dataset.state.finished = epoch
+        after = counter.totals_by_reason()
+        per_epoch = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+        if per_epoch:
+            log.info(
+                "%s epoch %d: skipped %d samples: %s",
+                self.split,
+                epoch,
+                sum(per_epoch.values()),
+                ", ".join(f"{k}: {v}" for k, v in sorted(per_epoch.items())),
+            )
+
+    def check_skip_rate(self, counter: SkipCounter) -> None:
+        """Raise :class:`DataQualityError` when the share of skipped samples is too high."""
+        seen = counter.seen
+        if self.max_skip_rate is None or seen < self.min_samples or not seen:
+            return
+        by_reason = counter.totals_by_reason()
+        skipped = sum(v for k, v in by_reason.items() if k not in FILTER_REASONS)
+        if skipped / seen > self.max_skip_rate:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items()))
+            raise DataQualityError(
+                f"{self.split}: {skipped} of {seen} samples read so far were damaged "
+                f"({skipped / seen:.1%} > max_skip_rate={self.max_skip_rate}); by reason: "
+                f"{reasons}. The log names each skipped shard and key; fix the shards, or raise "
+                "data.max_skip_rate"
+            )
 
 
-def make_loader(pipeline: ShardPipeline, num_workers: int = 0) -> ShardLoader:
+def _rank_resume(state: EpochState, workers: int) -> dict[str, Any] | None:
+    """This rank's saved position if it belongs to the epoch starting now and still fits."""
+    resume = state.resume
+    if not resume or resume.get("epoch") != state.current:
+        return None
+    rank, world = _rank_world()
+    ranks = resume.get("ranks") or []
+    if len(ranks) != world or any(r is None or int(r["workers"]) != workers for r in ranks):
+        log.warning(
+            "data position of epoch %d was saved with %d rank(s) and workers %s; this run has "
+            "%d x %d, so the epoch restarts from its beginning",
+            state.current,
+            len(ranks),
+            [r and r["workers"] for r in ranks],
+            world,
+            workers,
+        )
+        state.resume = None
+        return None
+    return ranks[rank]
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _round_robin(
+    items: Iterator[dict[str, Any]], workers: int, epoch: int, resume: dict[str, Any] | None
+) -> Iterator[dict[str, Any]]:
+    """Batches in worker order 0, 1, ..., skipping workers that have ended; each batch's
+    ``position`` replaced by the loader state after it."""
+    seqs = {w: 0 for w in range(workers)}
+    turn = 0
+    if resume is not None:
+        seqs.update({int(w): int(n) for w, n in resume["seqs"].items()})
+        turn = int(resume["next_worker"])
+    alive = set(range(workers))
+    pending: dict[int, list[dict[str, Any]]] = {w: [] for w in range(workers)}
+    while alive:
+        if turn not in alive:
+            turn = (turn + 1) % workers
+            continue
+        while not pending[turn]:
+            try:
+                item = next(items)
+            except StopIteration:
+                raise RuntimeError(
+                    f"data worker {turn} stopped without its end marker (epoch {epoch})"
+                ) from None
+            owner = int(item[END]) if END in item else int(item["position"][2])
+            pending[owner].append(item)
+        item = pending[turn].pop(0)
+        if END in item:
+            alive.discard(turn)
+        else:
+            seqs[turn] = int(item["position"][3]) + 1
+            item["position"] = {
+                "epoch": epoch,
+                "workers": workers,
+                "seqs": dict(seqs),
+                "next_worker": (turn + 1) % workers,
+            }
+            yield item
+        turn = (turn + 1) % workers
+
+
+def _even_ranks(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Under torch.distributed, pad ranks that run out with weight-0 copies of their last batch
+    until every rank is done (one tiny all-reduce per batch)."""
+    rank, world = _rank_world()
+    if world == 1:
+        yield from batches
+        return
+    backend = str(torch.distributed.get_backend())
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if "nccl" in backend and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    last: dict[str, Any] | None = None
+    while True:
+        batch = next(batches, None)
+        flag = torch.tensor([0 if batch is None else 1], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if int(flag.item()) == 0:
+            return
+        if batch is not None:
+            last = batch
+            yield batch
+            continue
+        if last is None:
+            raise RuntimeError(
+                f"rank {rank} received no data this epoch while other ranks did: fewer usable "
+                "samples than ranks x workers; use fewer devices/workers or more data"
+            )
+        yield {**last, "pad": True}
+
+
+def make_loader(
+    pipeline: ShardPipeline,
+    num_workers: int = 0,
+    *,
+    max_skip_rate: float | None = None,
+    min_samples: int = 200,
+    split: str = "data",
+) -> ShardLoader:
     """A :class:`ShardLoader` over ``pipeline``: batching happens in the pipeline."""
     return ShardLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
+        max_skip_rate=max_skip_rate,
+        min_samples=min_samples,
+        split=split,
     )

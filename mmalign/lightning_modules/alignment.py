@@ -68,6 +68,14 @@ class AlignmentModule(L.LightningModule):
             so one model serves all three tasks. Drawn from (``rate_seed``, step, batch index,
             sample), so resumed runs draw the same. A batch may then leave one branch unused:
             under DDP set the strategy's ``find_unused_parameters: true``.
+        max_nonfinite_steps: a step whose loss or gradients are not finite is skipped (no
+            optimizer update) and counted (``train/nonfinite_steps``); this many in a row stop
+            the run with an error. Under 16-bit AMP the grad scaler handles this instead.
+
+    Randomness inside a training step (LoRA and projector dropout) is seeded from
+    (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
+    Batches marked ``pad`` (ranks evened out at the end of an exact epoch) train with weight 0
+    and are not evaluated.
 
     With a multi-rate projector, validation and test decode at every rate and log
     ``val/wer_r{rate}`` (and ``cer``/``loss``) per rate, with ``val/wer`` at the default rate.
@@ -97,6 +105,7 @@ class AlignmentModule(L.LightningModule):
         modality_dropout: dict[str, float] | None = None,
         init_from: str | None = None,
         init_adapter: str = "continue",
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         if (video_encoder is None) != (video_projector is None):
@@ -130,6 +139,12 @@ class AlignmentModule(L.LightningModule):
         self.log_examples = log_examples
         self._outputs: list[dict[str, Any]] = []
         self._skipped_total = 0
+        if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps!r}: an int >= 1")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_total = 0
+        self._loss_finite = True
         self.strict_loading = False  # frozen weights are absent on purpose; checked below
         if init_adapter not in ("continue", "fresh"):
             raise ValueError(f"model.init_adapter={init_adapter!r}: use 'continue' or 'fresh'")
@@ -304,7 +319,13 @@ class AlignmentModule(L.LightningModule):
         self._skipped_total += int(batch.get("skipped", 0))
         self.log("data/skipped", float(self._skipped_total), batch_size=len(batch["texts"]))
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed = [self.rate_seed, int(self.global_step), int(batch_idx), int(self.global_rank), 11]
+        torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if batch.get("pad"):  # evens ranks out: gradients flow (DDP needs them), weight 0
+            return self.model(batch) * 0.0
         bs = len(batch["texts"])
         batch = self.drop_modalities(batch, batch_idx)
         if self.model.rates is None:
@@ -316,9 +337,47 @@ class AlignmentModule(L.LightningModule):
             loss = sum(weight[r] * v for r, v in losses.items()) / total
             for r, v in losses.items():
                 self.log(f"train/loss_r{r}", v, batch_size=bs)
+        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self._log_skipped(batch)
         return loss
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """Skip the update when the loss or any gradient is not finite (all ranks agree)."""
+        if str(self.trainer.precision).startswith("16"):  # AMP's scaler skips such steps
+            optimizer.step(closure=optimizer_closure)
+            return
+        if optimizer_closure is not None:
+            optimizer_closure()
+        finite = self._loss_finite and all(
+            bool(torch.isfinite(p.grad).all())
+            for p in self.parameters()
+            if p.requires_grad and p.grad is not None
+        )
+        finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        self._loss_finite = True
+        if finite:
+            self._nonfinite_in_a_row = 0
+            optimizer.step()
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self._nonfinite_total), rank_zero_only=True)
+        log.warning(
+            "step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
+            self.global_step,
+            self._nonfinite_in_a_row,
+            self._nonfinite_total,
+        )
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} steps in a row had non-finite loss or gradients "
+                f"(model.max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning "
+                "rate, check the data, or use bf16/fp32"
+            )
 
     def _decode(self, batch: dict[str, Any]) -> list[str]:
         return self.model.generate(
@@ -326,6 +385,8 @@ class AlignmentModule(L.LightningModule):
         )
 
     def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        if batch.get("pad"):
+            return
         bs = len(batch["texts"])
         rates = self.model.rates
         if rates is None:
@@ -384,6 +445,8 @@ class AlignmentModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        if batch.get("pad"):
+            return []
         hyps = self._decode(batch)
         return [{"key": k, "text": h} for k, h in zip(batch["keys"], hyps, strict=True)]
 
