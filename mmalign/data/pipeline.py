@@ -858,10 +858,11 @@ class ShardLoader(DataLoader):
         after = counter.totals_by_reason()
         per_epoch = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
         if per_epoch:
-            log.info(
-                "%s epoch %d: skipped %d samples: %s",
+            log.warning(
+                "%s epoch %d (rank %d): skipped %d samples: %s",
                 self.split,
                 epoch,
+                _rank_world()[0],
                 sum(per_epoch.values()),
                 ", ".join(f"{k}: {v}" for k, v in sorted(per_epoch.items())),
             )
