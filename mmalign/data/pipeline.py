@@ -44,6 +44,8 @@ import json
 import logging
 import multiprocessing
 import random
+import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,7 +57,9 @@ import soundfile as sf
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
+from webdataset.filters import pipelinefilter
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, url_opener
 from webdataset.utils import pytorch_worker_info
 
 from mmalign.data.augment import NoiseAugment
@@ -330,6 +334,68 @@ def _decode_video_member(
     return frames, float(fps)
 
 
+def _flac_without_frames(data: bytes) -> bool:
+    """True for a FLAC stream that declares no samples and holds only metadata blocks (what
+    ffmpeg or libFLAC write for empty input)."""
+    if data[:4] != b"fLaC" or len(data) < 42:
+        return False
+    if int.from_bytes(data[18:26], "big") & ((1 << 36) - 1):  # STREAMINFO: total samples
+        return False
+    pos = 4
+    while pos + 4 <= len(data):
+        last = data[pos] & 0x80
+        pos += 4 + int.from_bytes(data[pos + 1 : pos + 4], "big")
+        if last:
+            return pos == len(data)
+    return False
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Tar headers that are damaged (bad checksum) or cut short raise instead of ending the
+    archive quietly, as ``tarfile`` does for any header after the first one."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (
+            tarfile.InvalidHeaderError,
+            tarfile.TruncatedHeaderError,
+            tarfile.EmptyHeaderError,
+        ) as exn:
+            where = f"tar header at byte {tarfile_.offset}"
+            raise tarfile.SubsequentHeaderError(f"{where}: {exn or 'file ends'}") from exn
+
+
+def _tar_files(sources: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    """Each opened shard's regular members as ``{"fname", "data", "__url__"}``, then ``{}`` (end
+    of shard), as webdataset's ``tar_file_expander``; but damage anywhere in a shard (a bad or
+    truncated header, truncated data) ends the shard with exactly one ``handler`` call."""
+    for source in sources:
+        url, stream = source["url"], source["stream"]
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+                for info in tar:
+                    name = info.name
+                    if info.isreg() and not re.match(r"__[^/]*__($|/)", name):  # metadata
+                        yield {"fname": name, "data": tar.extractfile(info).read(), "__url__": url}
+                    tar.members = []
+        except Exception as exn:
+            exn.args = (*exn.args, url)
+            if not handler(exn):
+                return
+        yield {}
+
+
+def _tar_samples(src: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    """webdataset's ``tarfile_to_samples`` with :func:`_tar_files`' strict reading."""
+    files = _tar_files(url_opener(src, handler=handler), handler)
+    return group_by_keys(files, handler=handler)
+
+
+tar_samples = pipelinefilter(_tar_samples)
+
+
 def decode_sample(
     raw: dict[str, Any],
     sample_rate: int = 16000,
@@ -356,7 +422,7 @@ def decode_sample(
         raise SampleError("missing json")
     try:
         meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exn:
         raise SampleError(f"bad json: {exn}") from exn
     if not isinstance(meta, dict):
         raise SampleError("bad json: not an object")
@@ -369,6 +435,8 @@ def decode_sample(
     try:
         data, rate = sf.read(io.BytesIO(raw[audio_key]), dtype="float32", always_2d=True)
     except Exception as exn:  # libsndfile reports many kinds of damage
+        if _flac_without_frames(raw[audio_key]):  # libsndfile cannot open an empty FLAC
+            raise SampleError("empty audio: FLAC stream without frames") from exn
         raise SampleError(f"undecodable audio: {exn}") from exn
     wave = to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
     if wave.numel() == 0:
@@ -757,7 +825,7 @@ def build_pipeline(
             raise ValueError("build_pipeline needs at least one shard URL per source")
         chain: list[Any] = [
             _ShardSource(source_urls, shuffle=train, seed=src_seed, state=state),
-            wds.tarfile_to_samples(handler=counter.handler),
+            tar_samples(handler=counter.handler),
             _SampleSplit(len(source_urls)),
         ]
         if train and shuffle_buffer > 1:
