@@ -7,6 +7,7 @@ the extra subcommands are plain functions whose docstrings are their ``--help``.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
     Imported lazily so that ``prepare``/``synth``/``score`` start without loading Lightning.
+    Trainers write checkpoints atomically and load them with ``weights_only=True``
+    (:mod:`mmalign.checkpoint_io`) unless the config brings its own checkpoint IO.
     """
-    from lightning.pytorch.cli import LightningCLI
-
     from mmalign.data.datamodule import ShardDataModule
     from mmalign.lightning_modules.alignment import AlignmentModule
 
-    return LightningCLI(
+    return _lightning_cli_class()(
         AlignmentModule,
         ShardDataModule,
         args=args,
@@ -30,6 +31,39 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
+
+
+@functools.cache
+def _lightning_cli_class() -> type:
+    """LightningCLI with mmalign's checkpoint IO (a function: Lightning is imported lazily)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from mmalign.checkpoint_io import CheckpointLoadError, checkpoint_plugins, load_checkpoint_file
+
+    class MMAlignCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            plugins = checkpoint_plugins(config.get("plugins"), config.get("strategy"))
+            if plugins is not None:
+                kwargs["plugins"] = plugins
+            return super().instantiate_trainer(**kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads --ckpt_path's hparams here, before any trainer exists; when that
+            # fails, say which file and why as the trainer would
+            try:
+                super()._parse_ckpt_path()
+            except Exception:
+                subcommand = self.config.get("subcommand")
+                ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+                if ckpt_path and Path(ckpt_path).is_file():
+                    try:
+                        load_checkpoint_file(ckpt_path)
+                    except CheckpointLoadError as exn:
+                        raise SystemExit(f"mmalign {subcommand}: {exn}") from exn
+                raise
+
+    return MMAlignCLI
 
 
 def prepare(
@@ -46,6 +80,7 @@ def prepare(
     source_lang: str | None = None,
     target_lang: str | None = None,
     clips: str | None = None,
+    root: str | None = None,
 ) -> None:
     """Write webdataset shards (16 kHz mono FLAC + JSON, lip video as uint8 .npy) and index.json.
 
@@ -70,24 +105,33 @@ def prepare(
         source_lang: source language when the CoVoST file or MuST-C folder name does not say.
         target_lang: target language, likewise.
         clips: folder of a CoVoST TSV's Common Voice clips (default ``<tsv folder>/clips``).
+        root: folder that every audio/video path of the manifest must resolve inside (after
+            ``..`` and symlinks), so a manifest from elsewhere cannot pull in other files;
+            default the manifest's folder (CoVoST: the clips folder, MuST-C: its folder);
+            ``/`` allows any path.
     """
+    from mmalign.data.shards import PathOutsideRootError
     from mmalign.data.shards import prepare as run_prepare
 
-    report = run_prepare(
-        source,
-        out_dir,
-        shard_max_bytes=int(shard_max_mb * 2**20),
-        shard_max_count=shard_max_count,
-        sample_rate=sample_rate,
-        prefix=prefix,
-        video_fps=video_fps,
-        crop=tuple(crop) if crop is not None else None,
-        format=format,
-        split=split,
-        source_lang=source_lang,
-        target_lang=target_lang,
-        clips=clips,
-    )
+    try:
+        report = run_prepare(
+            source,
+            out_dir,
+            shard_max_bytes=int(shard_max_mb * 2**20),
+            shard_max_count=shard_max_count,
+            sample_rate=sample_rate,
+            prefix=prefix,
+            video_fps=video_fps,
+            crop=tuple(crop) if crop is not None else None,
+            format=format,
+            split=split,
+            source_lang=source_lang,
+            target_lang=target_lang,
+            clips=clips,
+            root=root,
+        )
+    except PathOutsideRootError as exn:
+        raise SystemExit(f"mmalign prepare: {exn}") from exn
     print(
         f"wrote {report.written} samples ({report.total_seconds / 3600:.2f} h) in "
         f"{len(report.shards)} shard(s) to {out_dir}; skipped {len(report.skipped)}"

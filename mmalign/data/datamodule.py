@@ -36,6 +36,7 @@ the other splits are always clean.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,12 @@ class ShardDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for split in ("train", "val", "test"):  # plain dicts: checkpoints load weights_only
+            if isinstance(self.hparams.get(split), (list, tuple)):
+                self.hparams[split] = [
+                    dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+                    for s in self.hparams[split]
+                ]
         _check_settings(
             video_crop=video_crop,
             video_flip=video_flip,

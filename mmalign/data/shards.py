@@ -38,6 +38,11 @@ Bad items (unreadable or missing audio or video, a crop box outside the frame, e
 text, invalid JSON lines) never stop a run: each is logged as a warning with its file and line,
 listed in ``index.json`` and counted in the :class:`PrepareReport`. ``index.json`` also lists
 every shard with its sample count and duration; the data module reads it to size epochs.
+
+A path that resolves outside ``root`` (default: the manifest's folder; ``..``, absolute paths
+and symlinks all count) is not a bad item but a refused manifest: :class:`PathOutsideRootError`
+stops the run before anything is written, naming the file, line and field, since a manifest
+from elsewhere must not make ``prepare`` copy arbitrary files into shards.
 """
 
 from __future__ import annotations
@@ -143,6 +148,46 @@ class SegmentError(ValueError):
     """The requested ``offset``/``duration`` segment lies outside the audio file."""
 
 
+class PathOutsideRootError(ValueError):
+    """A path listed in a manifest resolves outside the folder the run may read."""
+
+
+def check_under_root(
+    path: str | Path, root: str | Path, source: str | Path, line: int | None, field: str
+) -> None:
+    """Refuse ``path`` unless its real path (``..`` and symlinks resolved) lies inside ``root``.
+
+    A manifest from elsewhere could otherwise make a run read, and copy into shards or
+    outputs, any file the user can read (``../../.ssh/id_rsa``, ``/etc/passwd``).
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        where = str(source) if line is None else f"{source}:{line}"
+        raise PathOutsideRootError(
+            f"{where}: field {field!r}: {str(path)!r} resolves to {real}, outside the allowed "
+            f"root {real_root}; pass --root with a folder that holds it (--root / allows any)"
+        )
+
+
+def manifest_path(
+    base: Path,
+    name: str,
+    *,
+    root: str | Path | None,
+    source: str | Path,
+    line: int | None,
+    field: str,
+) -> Path:
+    """``name`` as written when absolute, else under ``base``; refused
+    (:class:`PathOutsideRootError`) when it resolves outside ``root`` (default ``base``)."""
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    check_under_root(path, base if root is None else root, source, line, field)
+    return path
+
+
 def sanitize_key(key: str) -> str:
     """Make ``key`` safe as a webdataset key: webdataset splits member names at the first dot, so
     dots, slashes and anything unusual become ``_``."""
@@ -202,7 +247,9 @@ def encode_flac(wave: torch.Tensor, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def _manifest_items(manifest: Path, skipped: list[SkippedItem]) -> list[_Item]:
+def _manifest_items(
+    manifest: Path, skipped: list[SkippedItem], root: str | Path | None = None
+) -> list[_Item]:
     items: list[_Item] = []
     base = manifest.parent
     with open(manifest, encoding="utf-8") as fh:
@@ -217,24 +264,29 @@ def _manifest_items(manifest: Path, skipped: list[SkippedItem]) -> list[_Item]:
             if not isinstance(obj, dict):
                 _skip(skipped, str(manifest), lineno, "line is not a JSON object")
                 continue
-            item = _object_item(obj, base, str(manifest), lineno, skipped)
+            item = _object_item(obj, base, str(manifest), lineno, skipped, root)
             if item is not None:
                 items.append(item)
     return items
 
 
 def _object_item(
-    obj: dict[str, Any], base: Path, source: str, lineno: int | None, skipped: list[SkippedItem]
+    obj: dict[str, Any],
+    base: Path,
+    source: str,
+    lineno: int | None,
+    skipped: list[SkippedItem],
+    root: str | Path | None = None,
 ) -> _Item | None:
-    """The item of one manifest object (relative paths against ``base``); None if skipped."""
+    """The item of one manifest object (relative paths against ``base``, refused outside
+    ``root``, default ``base``); None if skipped."""
     obj = dict(obj)
     audio = obj.pop("audio", None)
     if not isinstance(audio, str) or not audio:
         _skip(skipped, source, lineno, "missing 'audio' path")
         return None
-    path = Path(audio).expanduser()
-    if not path.is_absolute():
-        path = base / path
+    where = {"root": root, "source": source, "line": lineno}
+    path = manifest_path(base, audio, field="audio", **where)
     text = obj.pop("text", None)
     video, fps = obj.pop("video", None), obj.pop("video_fps", None)
     video_path = None
@@ -242,9 +294,7 @@ def _object_item(
         if not isinstance(video, str) or not video:
             _skip(skipped, source, lineno, f"bad 'video' path: {video!r}")
             return None
-        video_path = Path(video).expanduser()
-        if not video_path.is_absolute():
-            video_path = base / video_path
+        video_path = manifest_path(base, video, field="video", **where)
     if fps is not None and not _positive_number(fps):
         _skip(skipped, source, lineno, f"bad 'video_fps': {fps!r}")
         return None
@@ -390,9 +440,11 @@ def _corpus_items(
     source_lang: str | None,
     target_lang: str | None,
     clips: str | Path | None,
+    root: str | Path | None = None,
 ) -> list[_Item]:
     """Items of a CoVoST TSV or MuST-C folder, through :mod:`mmalign.data.sources`; skip reasons
-    keep pointing at the corpus files (TSV or YAML line)."""
+    keep pointing at the corpus files (TSV or YAML line). Audio must lie inside ``root``
+    (default: the CoVoST clips folder, the MuST-C folder)."""
     langs = {"source_lang": source_lang, "target_lang": target_lang}
     if fmt == "covost":
         from mmalign.data.sources.covost import read_covost
@@ -403,12 +455,18 @@ def _corpus_items(
 
         imported = read_mustc(source, split=split, **langs)
     skipped.extend(imported.skipped)
+    if root is None:
+        root = source if fmt == "mustc" else _covost_clips(source, clips)
     items = []
     for entry in imported.entries:
-        item = _object_item(entry.record, source.parent, entry.source, entry.line, skipped)
+        item = _object_item(entry.record, source.parent, entry.source, entry.line, skipped, root)
         if item is not None:
             items.append(item)
     return items
+
+
+def _covost_clips(tsv: Path, clips: str | Path | None) -> Path:
+    return Path(clips).expanduser() if clips is not None else tsv.parent / "clips"
 
 
 def _unique_keys(items: list[_Item]) -> Iterator[tuple[_Item, str]]:
@@ -439,6 +497,7 @@ def prepare(
     source_lang: str | None = None,
     target_lang: str | None = None,
     clips: str | Path | None = None,
+    root: str | Path | None = None,
 ) -> PrepareReport:
     """Write ``source`` (JSONL manifest, audio+``.txt`` folder, CoVoST 2 TSV or MuST-C folder)
     as webdataset shards.
@@ -460,6 +519,11 @@ def prepare(
     ``data/*/txt/*.yaml``, ``folder`` for other folders and ``manifest`` for other files.
     ``split`` chooses the MuST-C split (or the rows of a combined CoVoST TSV), ``source_lang``
     and ``target_lang`` the languages when the file or folder name does not tell them.
+
+    Every ``audio``/``video`` path a manifest lists must resolve (``..`` and symlinks followed)
+    inside ``root``, default the manifest's folder (a CoVoST TSV's clips folder, the MuST-C
+    folder); otherwise :class:`PathOutsideRootError` names the file, line and field before
+    anything is written. ``root="/"`` allows any path.
     """
     source = Path(source).expanduser()
     out = Path(out_dir).expanduser()
@@ -482,9 +546,9 @@ def prepare(
     if fmt == "folder":
         items = _folder_items(source, report.skipped)
     elif fmt == "manifest":
-        items = _manifest_items(source, report.skipped)
+        items = _manifest_items(source, report.skipped, root)
     else:
-        items = _corpus_items(source, fmt, report.skipped, clips=clips, **corpus_options)
+        items = _corpus_items(source, fmt, report.skipped, clips=clips, root=root, **corpus_options)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{prefix}-*.tar"):
         if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", old.name):

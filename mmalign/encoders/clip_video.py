@@ -54,7 +54,9 @@ def _create_visual(
                     f"CLIPVideoEncoder.pretrained={pretrained!r} is neither a checkpoint file nor "
                     f"one of open_clip's tags for {model!r}: {known}"
                 )
-        clip = open_clip.create_model(model, pretrained=pretrained, pretrained_text=False)
+        clip = open_clip.create_model(
+            model, pretrained=pretrained, pretrained_text=False, weights_only=True
+        )
     return clip.visual
 
 
@@ -65,7 +67,8 @@ class CLIPVideoEncoder(Encoder):
         model: open_clip architecture name (``ViT-B-16``, see ``open_clip.list_models()``), or
             ``hf-hub:<repo>`` / ``local-dir:<dir>`` (config and weights from there).
         pretrained: a local checkpoint file, or one of open_clip's tags for ``model`` (those
-            download); ``None`` leaves the weights random.
+            download); ``None`` leaves the weights random. Checkpoints load with
+            ``weights_only=True``; open_clip runs no code from a model repo.
         config: an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) to
             build instead of a registry entry, with random weights (tests, custom towers).
         frame_rate: frames per second of the video (25 for LRS2/LRS3).

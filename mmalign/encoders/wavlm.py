@@ -59,7 +59,8 @@ class WavLMEncoder(Encoder):
 
     Args:
         source: hub id (``microsoft/wavlm-base-plus``), local transformers directory, or
-            ``"random"`` with ``config`` (WavLMConfig kwargs) for tests.
+            ``"random"`` with ``config`` (WavLMConfig kwargs) for tests. Loaded with
+            transformers' own WavLM classes: no code from the model repo runs.
         weighted_sum: output a learned softmax-weighted sum of all hidden layers instead of the
             last one; the weights (``layer_weights``) stay trainable when the encoder is frozen.
         attention_mask: mask padded samples inside the model. Default: only when the model's
@@ -114,8 +115,8 @@ class WavLMEncoder(Encoder):
                     "WavLMEncoder: feature_extractor is only for source='random'; "
                     f"{self.source!r} brings its own preprocessor_config.json"
                 )
-            self.model = WavLMModel.from_pretrained(
-                self.source, dtype=torch_dtype(dtype), **(config or {})
+            self.model = WavLMModel.from_pretrained(  # a fixed class: no repo code runs
+                self.source, dtype=torch_dtype(dtype), trust_remote_code=False, **(config or {})
             )
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(self.source)
         cfg = self.model.config

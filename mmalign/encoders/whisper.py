@@ -44,10 +44,14 @@ def load_hf_whisper_encoder(
     if is_ct2_whisper_dir(source):
         return load_ct2_whisper(source, dtype, True, config)
     overrides = dict(config or {})
-    cfg = WhisperConfig.from_pretrained(source, **overrides)
+    # fixed transformers classes: no code from the repo runs, whatever its config says
+    cfg = WhisperConfig.from_pretrained(source, trust_remote_code=False, **overrides)
     if "WhisperEncoder" in (cfg.architectures or []):  # saved from an encoder alone
-        return HFWhisperEncoder.from_pretrained(source, config=cfg, dtype=dtype)
-    return WhisperModel.from_pretrained(source, config=cfg, dtype=dtype).get_encoder()
+        return HFWhisperEncoder.from_pretrained(
+            source, config=cfg, dtype=dtype, trust_remote_code=False
+        )
+    model = WhisperModel.from_pretrained(source, config=cfg, dtype=dtype, trust_remote_code=False)
+    return model.get_encoder()
 
 
 def whisper_silence(inputs: Tensor, lengths: Tensor) -> Tensor:
@@ -67,7 +71,8 @@ class WhisperEncoder(Encoder):
 
     ``source`` is a hub id or local transformers directory, a CTranslate2 (faster-whisper)
     directory, ``"pinned:whisper-tiny.en"`` (real weights from a pinned pip package, hash checked),
-    or ``"random"`` with ``config`` (WhisperConfig kwargs) for tests. Frames at or past each
+    or ``"random"`` with ``config`` (WhisperConfig kwargs) for tests. Loading uses transformers'
+    own Whisper classes, so no code from a model repo ever runs. Frames at or past each
     sample's length are replaced by Whisper's silence value, so the output does not depend on how
     the collate padded. ``dtype`` is the encoder's compute dtype; outputs come back in the input's.
     """

@@ -33,12 +33,13 @@ from sacrebleu.metrics import BLEU
 from tqdm.auto import tqdm
 
 from mmalign.data.collate import DEFAULT_TASK
-from mmalign.data.pipeline import SampleError, decode_sample, resolve_shards
+from mmalign.data.pipeline import SampleError, decode_sample, resolve_shards, tar_samples
 from mmalign.data.tasks import TRANSLATION_TASKS, TaskError, apply_task
 from mmalign.eval.metrics import NORMALIZERS, error_rates, translation_metrics
 from mmalign.eval.noise import BABBLE, build_noise, mix
 from mmalign.inference.audio import (
     AudioReadError,
+    PathOutsideRootError,
     read_audio,
     read_video,
     resolve_path,
@@ -91,7 +92,7 @@ def read_shard_samples(
         return True
 
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards.urls), wds.tarfile_to_samples(handler=handler)
+        wds.SimpleShardList(shards.urls), tar_samples(handler=handler)
     )
     samples: list[dict[str, Any]] = []
     for raw in pipeline:
@@ -107,10 +108,15 @@ def read_shard_samples(
 
 
 def read_manifest_samples(
-    manifest: str | Path, sample_rate: int = 16000, limit: int | None = None
+    manifest: str | Path,
+    sample_rate: int = 16000,
+    limit: int | None = None,
+    root: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Samples of a JSONL manifest (``audio`` path relative to the manifest, ``text``, optional
-    ``task``, ``key``/``id`` and prompt fields); bad lines are skipped with a reason."""
+    ``task``, ``key``/``id`` and prompt fields); bad lines are skipped with a reason, but a path
+    resolving outside ``root`` (default: the manifest's folder) raises
+    :class:`PathOutsideRootError`."""
     manifest = Path(manifest)
     samples: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -128,7 +134,14 @@ def read_manifest_samples(
                     raise ValueError("missing 'audio' path")
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError("missing 'text'")
-                path = resolve_path(manifest.parent, audio)
+                at = {"source": manifest, "line": lineno}
+                path = resolve_path(manifest.parent, audio, root, field="audio", **at)
+                video = obj.get("video")
+                video_path = None
+                if video:
+                    if not isinstance(video, str):
+                        raise ValueError(f"bad 'video' path: {video!r}")
+                    video_path = resolve_path(manifest.parent, video, root, field="video", **at)
                 wave = read_audio(path, sample_rate)
                 sample = {
                     "__key__": str(obj.get("key", obj.get("id", Path(audio).with_suffix("")))),
@@ -138,11 +151,11 @@ def read_manifest_samples(
                     "duration": wave.numel() / sample_rate,
                     "meta": obj,
                 }
-                if obj.get("video"):
-                    frames, fps = read_video(
-                        resolve_path(manifest.parent, obj["video"]), obj.get("video_fps")
-                    )
+                if video_path is not None:
+                    frames, fps = read_video(video_path, obj.get("video_fps"))
                     sample = with_video(sample, frames, fps, sample_rate)
+            except PathOutsideRootError:
+                raise
             except (ValueError, AudioReadError) as exn:
                 log.warning("skipping %s: %s", where, exn)
                 skipped.append(f"{where}: {exn}")
@@ -154,13 +167,17 @@ def read_manifest_samples(
 
 
 def read_samples(
-    spec: str | Path, sample_rate: int = 16000, limit: int | None = None
+    spec: str | Path,
+    sample_rate: int = 16000,
+    limit: int | None = None,
+    root: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Samples from a ``.jsonl`` manifest or shards (folder, ``index.json``, ``.tar``, glob)."""
+    """Samples from a ``.jsonl`` manifest (paths inside ``root``, see
+    :func:`read_manifest_samples`) or shards (folder, ``index.json``, ``.tar``, glob)."""
     if str(spec).endswith(".jsonl"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"manifest {spec} not found")
-        return read_manifest_samples(spec, sample_rate, limit)
+        return read_manifest_samples(spec, sample_rate, limit, root)
     return read_shard_samples(spec, sample_rate, limit)
 
 
@@ -276,6 +293,7 @@ def evaluate(
     limit: int | None = None,
     options: DecodeOptions | None = None,
     progress: bool = True,
+    root: str | Path | None = None,
 ) -> EvalResult:
     """Decode ``data`` with ``model`` under every (rate, SNR) condition, score each task, and
     write metrics.json, report.md, plots and utterances.jsonl to ``out_dir``.
@@ -286,7 +304,8 @@ def evaluate(
     sample as each of those tasks instead of its own (e.g. ``asr vsr avsr`` on audio-visual
     data scores one model with audio only, video only and both; ``st`` on a corpus whose
     samples carry translations scores translation). ``target_lang`` picks the translation
-    target of ``st`` samples that have several.
+    target of ``st`` samples that have several. ``root`` is the folder a manifest's paths must
+    resolve inside (default: the manifest's own).
     """
     options = options or DecodeOptions()
     if normalizer not in NORMALIZERS:
@@ -309,7 +328,7 @@ def evaluate(
     if isinstance(data, list):
         samples, skipped, data_spec = list(data)[:limit] if limit else list(data), [], "<samples>"
     else:
-        samples, skipped = read_samples(data, limit=limit)
+        samples, skipped = read_samples(data, limit=limit, root=root)
         data_spec = str(data)
     if tasks:
         present = sorted({s["task"] for s in samples})
@@ -489,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-lang", help="translation target (st) when samples have several, e.g. de"
     )
     parser.add_argument("--limit", type=int, help="first N usable utterances only")
+    parser.add_argument(
+        "--root",
+        help="folder that a manifest's audio/video paths must resolve inside (after .. and "
+        "symlinks); default: the manifest's folder; / allows any",
+    )
     add_decoding_arguments(parser, batch_size=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -514,6 +538,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
             limit=args.limit,
             options=decode_options(args),
             progress=not args.no_progress,
+            root=args.root,
         )
     except (FileNotFoundError, ValueError, KeyError) as exn:
         raise SystemExit(f"mmalign evaluate: {exn}") from exn

@@ -14,7 +14,20 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from mmalign.data.shards import to_mono_rate
+from mmalign.data.shards import PathOutsideRootError, manifest_path, to_mono_rate
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "AudioReadError",
+    "PathOutsideRootError",
+    "audio_duration",
+    "find_audio",
+    "read_audio",
+    "read_video",
+    "resolve_path",
+    "with_video",
+]
 
 AUDIO_EXTENSIONS = (
     ".wav",
@@ -88,10 +101,22 @@ def find_audio(folder: str | Path) -> list[Path]:
     )
 
 
-def resolve_path(base: Path, name: str) -> Path:
-    """``name`` from a manifest or list: absolute as written, else relative to ``base``."""
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else base / path
+def resolve_path(
+    base: Path,
+    name: str,
+    root: str | Path | None = None,
+    *,
+    source: str | Path | None = None,
+    line: int | None = None,
+    field: str = "audio",
+) -> Path:
+    """``name`` from a manifest or list (``source``, at ``line``): absolute as written, else
+    relative to ``base``. Raises :class:`PathOutsideRootError` naming source, line and field
+    when it resolves (``..``, symlinks) outside ``root`` (default ``base``, the list's folder),
+    so that a manifest from elsewhere cannot make a run read any file."""
+    return manifest_path(
+        base, name, root=root, source=base if source is None else source, line=line, field=field
+    )
 
 
 VIDEO_EXTENSIONS = (".npy", ".mp4", ".mkv", ".mov", ".webm", ".avi")

@@ -1,8 +1,10 @@
 """Export a training checkpoint to a directory that loads without Lightning, and load it back.
 
-Layout: ``adapter/`` (peft's own format), ``projector.safetensors``, ``encoder.safetensors``
-(only when the encoder has trainable weights), the same two with a ``video_`` prefix for an
-audio-visual model, and ``mmalign.json`` (encoder, projector and LLM specs plus prompts).
+Every weight file is safetensors (loading never unpickles), and checkpoints are read with
+``weights_only=True``. Layout: ``adapter/`` (peft's own format), ``projector.safetensors``,
+``encoder.safetensors`` (only when the encoder has trainable weights), the same two with a
+``video_`` prefix for an audio-visual model, and ``mmalign.json`` (encoder, projector and LLM specs
+plus prompts).
 
 A multi-rate (Matryoshka) model keeps every adapter: peft's ``save_pretrained`` writes the
 ``default`` (shared) adapter at ``adapter/`` and each other one in ``adapter/<name>/`` (e.g.
@@ -108,7 +110,9 @@ def load_checkpoint(
 ) -> SpeechLLM:
     """Rebuild a SpeechLLM from a Lightning checkpoint written by AlignmentModule (``llm``:
     another LLM of the same architecture under the trained parts)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    from mmalign.checkpoint_io import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path, map_location=map_location)  # weights_only=True
     if CKPT_KEY not in ckpt:
         raise KeyError(f"{path} has no '{CKPT_KEY}' entry; was it written by mmalign fit?")
     model = build_from_description(ckpt[CKPT_KEY], llm=llm)
@@ -137,7 +141,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model.llm.adapter is not None:
-        model.llm.model.save_pretrained(out / "adapter")
+        model.llm.model.save_pretrained(out / "adapter", safe_serialization=True)
     for prefix, encoder, projector in _parts(model):
         save_file(
             {k: v.contiguous() for k, v in projector.state_dict().items()},
@@ -167,6 +171,12 @@ def load_exported(path: str | Path, device: str = "cpu", llm: str | None = None)
         def where(name: str) -> Path:  # peft's save_pretrained layout
             return path / "adapter" if name == SHARED_ADAPTER else path / "adapter" / name
 
+        for name in names:  # peft would fall back to a pickled adapter_model.bin
+            if not (where(name) / "adapter_model.safetensors").is_file():
+                raise FileNotFoundError(
+                    f"{where(name) / 'adapter_model.safetensors'} missing: exports load adapters "
+                    "from safetensors only, never from pickled .bin files"
+                )
         llm.model = PeftModel.from_pretrained(llm.model, where(names[0]), adapter_name=names[0])
         for name in names[1:]:
             llm.model.load_adapter(where(name), adapter_name=name)

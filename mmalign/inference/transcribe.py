@@ -2,7 +2,8 @@
 
 Inputs are audio files, folders (searched recursively by extension), text lists (``.txt`` or
 ``.lst``, one path a line, relative to the list) and JSONL manifests (``audio`` path, optional
-``task``/``id`` and prompt fields). Audio is read with soundfile, or torchaudio/torchcodec (ffmpeg)
+``task``/``id`` and prompt fields); paths in lists and manifests must resolve inside ``--root``
+(default: the list's own folder). Audio is read with soundfile, or torchaudio/torchcodec (ffmpeg)
 for what libsndfile lacks, then down-mixed and resampled. Files longer than ``chunk_seconds``
 are cut into overlapping chunks (:mod:`mmalign.inference.chunking`), whose texts are joined
 without repeating the overlap.
@@ -83,11 +84,13 @@ class InputItem:
         return os.path.abspath(self.path)
 
 
-def collect_inputs(inputs: Sequence[str | Path]) -> list[InputItem]:
+def collect_inputs(inputs: Sequence[str | Path], root: str | Path | None = None) -> list[InputItem]:
     """Expand files, folders, lists and manifests into files, in order, without duplicates.
 
     A top-level path that does not exist, or a bad manifest line, becomes an item carrying an
-    error (reported like an unreadable file); a folder without audio is an error at once.
+    error (reported like an unreadable file); a folder without audio is an error at once. A
+    path in a list or manifest that resolves outside ``root`` (default: that list's folder)
+    raises :class:`PathOutsideRootError`; paths given directly are the user's own choice.
     """
     items: list[InputItem] = []
     for spec in inputs:
@@ -100,9 +103,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[InputItem]:
                 )
             items += [InputItem(f, root=path) for f in files]
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            items += _list_items(path)
+            items += _list_items(path, root)
         elif path.is_file() and path.suffix.lower() == ".jsonl":
-            items += _manifest_items(path)
+            items += _manifest_items(path, root)
         elif path.exists():
             items.append(InputItem(path))
         else:
@@ -113,13 +116,16 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[InputItem]:
     return list(unique.values())
 
 
-def _list_items(listing: Path) -> list[InputItem]:
-    lines = listing.read_text(encoding="utf-8").splitlines()
-    names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    return [InputItem(resolve_path(listing.parent, n)) for n in names]
+def _list_items(listing: Path, root: str | Path | None) -> list[InputItem]:
+    lines = enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1)
+    names = [(i, ln.strip()) for i, ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return [
+        InputItem(resolve_path(listing.parent, n, root, source=listing, line=i, field="path"))
+        for i, n in names
+    ]
 
 
-def _manifest_items(manifest: Path) -> list[InputItem]:
+def _manifest_items(manifest: Path, root: str | Path | None) -> list[InputItem]:
     items = []
     for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -135,9 +141,12 @@ def _manifest_items(manifest: Path) -> list[InputItem]:
             items.append(InputItem(Path(where), error=f"{where}: {why}"))
             continue
         assert isinstance(obj, dict)
+        at = {"source": manifest, "line": lineno}
+        path = resolve_path(manifest.parent, audio, root, field="audio", **at)
         if isinstance(obj.get("video"), str) and obj["video"]:
-            obj["_video_path"] = str(resolve_path(manifest.parent, obj["video"]))
-        items.append(InputItem(resolve_path(manifest.parent, audio), meta=obj))
+            video = resolve_path(manifest.parent, obj["video"], root, field="video", **at)
+            obj["_video_path"] = str(video)
+        items.append(InputItem(path, meta=obj))
     return items
 
 
@@ -293,15 +302,17 @@ def transcribe(
     overwrite: bool = False,
     retry_errors: bool = False,
     progress: bool = True,
+    root: str | Path | None = None,
 ) -> TranscribeSummary:
     """Transcribe ``inputs`` into ``out_dir`` (ledger ``transcripts.jsonl`` plus one
-    ``.txt``/``.srt``/``.vtt`` per file); see the module docstring for resuming."""
+    ``.txt``/``.srt``/``.vtt`` per file); see the module docstring for resuming. ``root``: the
+    folder list and manifest paths must stay inside (default: each list's own folder)."""
     options = options or DecodeOptions()
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
     out = Path(out_dir)
-    items = collect_inputs(inputs)
+    items = collect_inputs(inputs, root)
     speech_llm = load_model(model, options.device, options.dtype, options.llm).model
     if rate is not None:
         select_rates(speech_llm, [rate])  # raises for a rate the model lacks
@@ -498,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo everything")
     parser.add_argument("--retry-errors", action="store_true", help="redo files that failed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--root",
+        help="folder that paths in lists and manifests must resolve inside (after .. and "
+        "symlinks); default: each list's own folder; / allows any",
+    )
     add_decoding_arguments(parser, batch_size=8)
     return parser
 
@@ -519,6 +535,7 @@ def main(argv: list[str] | None = None) -> TranscribeSummary:
             overwrite=args.overwrite,
             retry_errors=args.retry_errors,
             progress=not args.no_progress,
+            root=args.root,
         )
     except (FileNotFoundError, ValueError, KeyError) as exn:
         raise SystemExit(f"mmalign transcribe: {exn}") from exn

@@ -156,7 +156,9 @@ class AlignmentModule(L.LightningModule):
         """Start from another run's trained weights (a curriculum stage): every trainable
         tensor of ``checkpoint`` must exist here with the same shape; optimizer, scheduler and
         step start afresh. ``skip_lora`` keeps this model's new LoRA (a fresh adapter)."""
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        from mmalign.checkpoint_io import load_checkpoint_file
+
+        ckpt = load_checkpoint_file(checkpoint)
         state = {k: v for k, v in ckpt["state_dict"].items() if not (skip_lora and "lora_" in k)}
         own = dict(self.state_dict())
         trainable = self.trainable_names()

@@ -39,7 +39,7 @@ def split_source(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def dequantized_gguf(path: Path) -> str:
+def dequantized_gguf(path: Path, trust_remote_code: bool = False) -> str:
     """Dequantise a GGUF file once into a transformers directory cached under its sha256.
 
     transformers' gguf reader takes ~25 s on two cores for a 135M model and repeats the work on
@@ -52,8 +52,9 @@ def dequantized_gguf(path: Path) -> str:
     if (target / "config.json").is_file():
         return str(target)
     log.info("dequantising %s into %s (once)", path, target)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    remote = {"trust_remote_code": trust_remote_code}
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **remote)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **remote)
     model.hf_quantizer = None  # GGUF weights are plain floats now; nothing to re-quantise
     model.config.quantization_config = None
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,29 +74,52 @@ def load_llm(
     dtype: str = "float32",
     tokenizer: str | None = None,
     config: dict | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer.
 
     ``source`` is a hub id, a local directory, a ``.gguf`` file (dequantised by transformers'
     gguf support), ``pinned:<name>`` (a checksum-verified asset, see ``mmalign.assets``), or
     ``random`` with ``config`` (kwargs of an ``AutoConfig.for_model``; tests use this with a
-    tokenizer directory trained on the fly).
+    tokenizer directory trained on the fly). ``trust_remote_code`` goes to every
+    ``from_pretrained``: it runs code from the model repo, so only for repos you trust.
     """
+    remote = {"trust_remote_code": trust_remote_code}
     if source == "random":
         if config is None or tokenizer is None:
             raise ValueError("llm source 'random' needs both `config` and `tokenizer`")
         cfg = AutoConfig.for_model(**config)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(dtype))
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok = AutoTokenizer.from_pretrained(tokenizer, **remote)
     else:
         where, gguf_file = split_source(source)
         if gguf_file:
-            where = dequantized_gguf(Path(where) / gguf_file)
-        tok = AutoTokenizer.from_pretrained(tokenizer or where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype))
+            where = dequantized_gguf(Path(where) / gguf_file, trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(tokenizer or where, **remote)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **remote)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Turn on transformers' activation checkpointing of ``model``'s layers, non-reentrant.
+
+    Non-reentrant recomputation reaches the LoRA weights although the frozen layers' inputs need
+    no grad, and works under DDP (unused parameters) and inside FSDP units; transformers' layers
+    also drop the KV cache while checkpointing, which a recomputed layer would fill twice.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' activation checkpointing is on in any layer of ``model``."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 ARCHITECTURE_FIELDS = (
@@ -111,8 +135,17 @@ ARCHITECTURE_FIELDS = (
 class CausalLM(nn.Module):
     """A frozen decoder-only LLM, optionally wrapped by a peft adapter (LoRA by default).
 
-    ``adapter`` is any ``peft.PeftConfig`` (e.g. ``peft.LoraConfig`` injected from YAML), so
-    rank, alpha, dropout and target modules are peft's own settings.
+    Args:
+        source: hub id, local directory, ``.gguf`` file, ``pinned:<name>`` or ``random``
+            (see :func:`load_llm`).
+        adapter: any ``peft.PeftConfig`` (e.g. ``peft.LoraConfig`` injected from YAML), so
+            rank, alpha, dropout and target modules are peft's own settings.
+        dtype: dtype of the frozen weights.
+        tokenizer: tokenizer hub id or directory (default: ``source``'s).
+        config: ``AutoConfig.for_model`` kwargs for ``source="random"``.
+        gradient_checkpointing: recompute the LLM's activations in the backward pass.
+        trust_remote_code: let transformers run code from the model repo (custom
+            architectures or tokenizers); only for repos you trust. Off by default.
     """
 
     def __init__(
@@ -123,17 +156,24 @@ class CausalLM(nn.Module):
         tokenizer: str | None = None,
         config: dict | None = None,
         gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
         self.dtype_name = dtype
         self.tokenizer_source = tokenizer
         self.model_config = config
-        model, self.tokenizer = load_llm(source, dtype=dtype, tokenizer=tokenizer, config=config)
+        self.trust_remote_code = trust_remote_code
+        model, self.tokenizer = load_llm(
+            source,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            config=config,
+            trust_remote_code=trust_remote_code,
+        )
         model.requires_grad_(False)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
+            enable_checkpointing(model)
         if adapter is not None:
             if getattr(adapter, "task_type", None) is None:
                 adapter.task_type = "CAUSAL_LM"
@@ -155,10 +195,14 @@ class CausalLM(nn.Module):
         return self.model.get_input_embeddings()(ids)
 
     def init_config(self) -> dict:
-        """Constructor arguments (without the adapter, which export saves in peft's format)."""
-        return {
+        """Constructor arguments (without the adapter, which export saves in peft's format);
+        ``trust_remote_code`` only when set, so that it is never on by default on reload."""
+        args: dict[str, Any] = {
             "source": self.source,
             "dtype": self.dtype_name,
             "tokenizer": self.tokenizer_source,
             "config": self.model_config,
         }
+        if self.trust_remote_code:
+            args["trust_remote_code"] = True
+        return args

@@ -129,3 +129,12 @@ def test_filters_do_not_count_as_damage(tmp_path) -> None:
     counter.skip("missing audio", url="u", key="k2")
     with pytest.raises(DataQualityError, match="2 of 10"):
         loader.check_skip_rate(counter)
+
+
+def test_mixture_hyperparameters_are_plain_dicts(uneven) -> None:
+    from mmalign.data.pipeline import MixSource
+
+    dm = ShardDataModule(train=[MixSource(str(uneven), weight=2.0)], val=str(uneven))
+    assert dm.hparams["train"] == [
+        {"shards": str(uneven), "weight": 2.0, "task": None, "target_lang": None}
+    ]

@@ -69,7 +69,7 @@ def test_manifest_bad_items_reported_rest_written(manifest, tmp_path, caplog) ->
     path, expected = manifest
     out = tmp_path / "shards"
     with caplog.at_level("WARNING"):
-        report = prepare(path, out, progress=False)
+        report = prepare(path, out, progress=False, root=tmp_path)  # e.flac lies beside corpus/
     assert report.ok and report.written == 4
     assert sorted(s.line for s in report.skipped) == [3, 5, 7, 8]
     by_line = {s.line: s.reason for s in report.skipped}
@@ -91,7 +91,7 @@ def test_manifest_bad_items_reported_rest_written(manifest, tmp_path, caplog) ->
 def test_read_back_texts_lengths_and_fields(manifest, tmp_path) -> None:
     path, expected = manifest
     out = tmp_path / "shards"
-    prepare(path, out, progress=False)
+    prepare(path, out, progress=False, root=tmp_path)
     samples = {s["key"]: s for s in read_shards(out)}
     assert set(samples) == set(expected)
     assert all("." not in key for key in samples)
