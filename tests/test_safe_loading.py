@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import tiny_llm_config, tiny_wavlm_config, tiny_whisper_config
 
 from mmalign.cli import main
@@ -210,3 +211,18 @@ def test_encoders_never_trust_remote_code(monkeypatch, tmp_path):
     whisper.WhisperEncoder(str(tmp_path))
     wavlm.WavLMEncoder(str(tmp_path))
     assert seen == [False, False, False]
+
+
+def test_component_specs_only_build_mmalign_modules(monkeypatch) -> None:
+    """A checkpoint's or export's JSON names classes; nothing else may be called from it."""
+    from mmalign.components import build
+
+    with pytest.raises(ValueError, match="outside"):
+        build({"class_path": "subprocess.run", "init_args": {"args": ["true"]}})
+    with pytest.raises(ValueError, match="not a torch.nn.Module"):
+        build({"class_path": "mmalign.components.spec", "init_args": {}})
+    monkeypatch.setenv("MMALIGN_COMPONENT_PREFIXES", "torch.nn.")
+    assert isinstance(build({"class_path": "torch.nn.Identity"}), torch.nn.Identity)
+    spec = {"class_path": "torch.nn.Identity", "init_args": {"trust_remote_code": True}}
+    with pytest.raises(ValueError, match="MMALIGN_TRUST_REMOTE_CODE=1"):
+        build(spec)
