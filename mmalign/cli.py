@@ -20,6 +20,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     Trainers write checkpoints atomically and load them with ``weights_only=True``
     (:mod:`mmalign.checkpoint_io`) unless the config brings its own checkpoint IO.
     """
+    import mmalign.strategies  # noqa: F401  (registers `llm_fsdp` strategy names)
     from mmalign.data.datamodule import ShardDataModule
     from mmalign.lightning_modules.alignment import AlignmentModule
 

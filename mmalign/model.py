@@ -227,8 +227,11 @@ class SpeechLLM(nn.Module):
         self.activate_rate()
         s = self.splice_batch(batch, train=True, encoded=encoded)
         predicts = (s.labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-        out = self.llm.model(
-            inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, logits_to_keep=predicts
+        out = self.llm.model(  # no KV cache: training never reuses it
+            inputs_embeds=s.inputs_embeds,
+            attention_mask=s.attention_mask,
+            logits_to_keep=predicts,
+            use_cache=False,
         )
         targets = s.labels[:, predicts + 1]
         return F.cross_entropy(

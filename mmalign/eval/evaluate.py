@@ -91,9 +91,7 @@ def read_shard_samples(
         skipped.append(f"unreadable shard data: {exn!r}")
         return True
 
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards.urls), tar_samples(handler=handler)
-    )
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.urls), tar_samples(handler=handler))
     samples: list[dict[str, Any]] = []
     for raw in pipeline:
         try:

@@ -28,6 +28,12 @@ ProjectorFactory = Callable[[int, int], Projector]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
 
 
+def _clean(name: str) -> str:
+    """A parameter name without FSDP / activation-checkpoint wrapper parts (state dicts have
+    none)."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 class AlignmentModule(L.LightningModule):
     """Lightning wrapper around :class:`SpeechLLM`.
 
@@ -139,6 +145,7 @@ class AlignmentModule(L.LightningModule):
         self.log_examples = log_examples
         self._outputs: list[dict[str, Any]] = []
         self._skipped_total = 0
+        self._num_trainable: int | None = None
         if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps!r}: an int >= 1")
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -252,7 +259,7 @@ class AlignmentModule(L.LightningModule):
 
     def trainable_names(self) -> set[str]:
         """State-dict keys that a checkpoint carries: trainable parameters and projector buffers."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = {_clean(n) for n, p in self.named_parameters() if p.requires_grad}
         names |= {f"model.projector.{n}" for n, _ in self.model.projector.named_buffers()}
         if self.model.video_projector is not None:
             buffers = self.model.video_projector.named_buffers()
@@ -260,7 +267,10 @@ class AlignmentModule(L.LightningModule):
         return names
 
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Counted before any strategy shards the parameters (FSDP would show one shard)."""
+        if self._num_trainable is None:
+            self._num_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return self._num_trainable
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from mmalign.inference.export import CKPT_KEY, describe
@@ -326,8 +336,9 @@ class AlignmentModule(L.LightningModule):
         torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if batch.get("pad"):  # evens ranks out: gradients flow (DDP needs them), weight 0
-            return self.model(batch) * 0.0
+        # a pad batch (ranks evened out) runs the same computation as any other, so DDP and
+        # FSDP see the same collectives on every rank, and trains with weight 0
+        pad = bool(batch.get("pad"))
         bs = len(batch["texts"])
         batch = self.drop_modalities(batch, batch_idx)
         if self.model.rates is None:
@@ -337,8 +348,11 @@ class AlignmentModule(L.LightningModule):
             weight = dict(zip(self.model.rates, self.rate_weights or [], strict=True))
             total = sum(weight[r] for r in losses)
             loss = sum(weight[r] * v for r, v in losses.items()) / total
-            for r, v in losses.items():
-                self.log(f"train/loss_r{r}", v, batch_size=bs)
+            if not pad:
+                for r, v in losses.items():
+                    self.log(f"train/loss_r{r}", v, batch_size=bs)
+        if pad:
+            return loss * 0.0
         self._loss_finite = bool(torch.isfinite(loss.detach()).all())
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self._log_skipped(batch)
@@ -381,23 +395,42 @@ class AlignmentModule(L.LightningModule):
                 "rate, check the data, or use bf16/fp32"
             )
 
-    def _decode(self, batch: dict[str, Any]) -> list[str]:
+    def _sharded(self) -> bool:
+        """Parameters sharded across ranks (FSDP, DeepSpeed ZeRO-3): every forward is a
+        collective, so all ranks must decode the same number of steps."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return False
+        name = type(trainer.strategy).__name__
+        return "FSDP" in name or "DeepSpeed" in name
+
+    def _decode(self, batch: dict[str, Any], **kwargs: Any) -> list[str]:
+        if self._sharded():
+            kwargs.setdefault("synced_gpus", True)
         return self.model.generate(
-            batch, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
+            batch, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, **kwargs
         )
 
     def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
-        if batch.get("pad"):
+        # pad batches (ranks evened out) are computed like the rest and then dropped, so that
+        # sharded strategies see the same collectives on every rank
+        pad = bool(batch.get("pad"))
+        if pad and not self._sharded():
             return
         bs = len(batch["texts"])
         rates = self.model.rates
         if rates is None:
-            self.log(f"{prefix}/loss", self.model(batch), batch_size=bs, sync_dist=True)
-            self._collect(batch, self._decode(batch), None)
+            loss = self.model(batch)
+            hyps = self._decode(batch)
+            if not pad:
+                self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
+                self._collect(batch, hyps, None)
             return
         encoded = self.model.encode(batch)
         default = self._default_rate()
         for r, loss in self.model.loss_per_rate(batch, rates, encoded).items():
+            if pad:
+                continue
             self.log(f"{prefix}/loss_r{r}", loss, batch_size=bs, sync_dist=True)
             if r == default:
                 self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
@@ -405,13 +438,9 @@ class AlignmentModule(L.LightningModule):
         try:
             for r in rates:
                 self.model.set_rate(r)
-                hyps = self.model.generate(
-                    batch,
-                    max_new_tokens=self.max_new_tokens,
-                    num_beams=self.num_beams,
-                    encoded=encoded,
-                )
-                self._collect(batch, hyps, r)
+                hyps = self._decode(batch, encoded=encoded)
+                if not pad:
+                    self._collect(batch, hyps, r)
         finally:
             self.model.set_rate(before)
 
@@ -447,9 +476,9 @@ class AlignmentModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        if batch.get("pad"):
-            return []
         hyps = self._decode(batch)
+        if batch.get("pad"):  # decoded all the same: sharded strategies need every forward
+            return []
         return [{"key": k, "text": h} for k, h in zip(batch["keys"], hyps, strict=True)]
 
     def _gathered(self) -> list[dict[str, Any]]:
