@@ -75,6 +75,7 @@ def load_llm(
     tokenizer: str | None = None,
     config: dict | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer.
 
@@ -83,23 +84,34 @@ def load_llm(
     ``random`` with ``config`` (kwargs of an ``AutoConfig.for_model``; tests use this with a
     tokenizer directory trained on the fly). ``trust_remote_code`` goes to every
     ``from_pretrained``: it runs code from the model repo, so only for repos you trust.
+    ``attn_implementation`` is transformers' (``sdpa``, ``eager``, ``flash_attention_2`` ...).
     """
     remote = {"trust_remote_code": trust_remote_code}
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if source == "random":
         if config is None or tokenizer is None:
             raise ValueError("llm source 'random' needs both `config` and `tokenizer`")
         cfg = AutoConfig.for_model(**config)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(dtype), **attn)
         tok = AutoTokenizer.from_pretrained(tokenizer, **remote)
     else:
         where, gguf_file = split_source(source)
         if gguf_file:
             where = dequantized_gguf(Path(where) / gguf_file, trust_remote_code)
         tok = AutoTokenizer.from_pretrained(tokenizer or where, **remote)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **remote)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype(dtype), **remote, **attn
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The LLM's decoder layers: modules whose class the model lists in ``_no_split_modules``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -146,6 +158,11 @@ class CausalLM(nn.Module):
         gradient_checkpointing: recompute the LLM's activations in the backward pass.
         trust_remote_code: let transformers run code from the model repo (custom
             architectures or tokenizers); only for repos you trust. Off by default.
+        attn_implementation: transformers' attention kernel: ``sdpa`` (PyTorch's fused
+            scaled-dot-product attention, FlashAttention/memory-efficient kernels on GPU),
+            ``flash_attention_2`` (needs the flash-attn package), or ``eager``.
+        compile: ``torch.compile`` each decoder layer (dynamic shapes: batches vary in length);
+            the first steps pay for compilation.
     """
 
     def __init__(
@@ -157,6 +174,8 @@ class CausalLM(nn.Module):
         config: dict | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = "sdpa",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
@@ -164,12 +183,14 @@ class CausalLM(nn.Module):
         self.tokenizer_source = tokenizer
         self.model_config = config
         self.trust_remote_code = trust_remote_code
+        self.attn_implementation = attn_implementation
         model, self.tokenizer = load_llm(
             source,
             dtype=dtype,
             tokenizer=tokenizer,
             config=config,
             trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
         model.requires_grad_(False)
         if gradient_checkpointing:
@@ -180,6 +201,9 @@ class CausalLM(nn.Module):
             model = get_peft_model(model, adapter)
         self.adapter = adapter
         self.model = model
+        if compile:
+            for layer in decoder_layers(model):
+                layer.compile(dynamic=True)
 
     @property
     def hidden_size(self) -> int:
@@ -205,4 +229,6 @@ class CausalLM(nn.Module):
         }
         if self.trust_remote_code:
             args["trust_remote_code"] = True
+        if self.attn_implementation != "sdpa":
+            args["attn_implementation"] = self.attn_implementation
         return args
