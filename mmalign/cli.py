@@ -1,5 +1,5 @@
 """The ``mmalign`` command: Lightning's fit/validate/test/predict plus prepare, synth, export,
-score, evaluate and transcribe.
+cache-features, curriculum, score, evaluate and transcribe.
 
 ``mmalign fit --config configs/asr/whisper-small_qwen2.5-0.5b.yaml`` is a LightningCLI run;
 the extra subcommands are plain functions whose docstrings are their ``--help``.
@@ -226,6 +226,68 @@ def export(checkpoint: str, out_dir: str) -> None:
     print(f"exported {checkpoint} to {Path(out).resolve()}")
 
 
+def cache_features(
+    shards: str,
+    out_dir: str,
+    fit_config: str,
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "float16",
+    keep_audio: bool = False,
+    prefix: str = "shard",
+) -> None:
+    """Encode shards once with a fit config's frozen audio encoder, for training without it.
+
+    Writes new shards whose samples keep their JSON and gain ``<key>.feats.npy`` ([frames, D]),
+    which ``mmalign fit`` reads instead of running the encoder. Each sample is encoded on its
+    own window (Whisper: its own length, or 30 s with ``pad_to_30s``), so its features never
+    depend on what it was batched with. Training refuses the cache when the model's encoder,
+    its weights, the window, mel bins, sample rate or dtype differ, or when the data asks for
+    noise augmentation or waveforms.
+
+    Args:
+        shards: prepared shards (folder with index.json, index.json, .tar, glob or brace
+            pattern).
+        out_dir: output folder: ``{prefix}-NNNNNN.tar`` (one per input shard) and index.json
+            with a ``cache`` block; give it as ``data.train`` (or val/test) to ``mmalign fit``.
+        fit_config: the YAML given to ``mmalign fit --config``: ``model.encoder`` is built from
+            it, ``data.sample_rate``/``data.n_mels`` are read (audio-only models).
+        batch_size: most samples per encoder call (only samples with the same window share one).
+        device: where the encoder runs: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: storage dtype of the features, ``float16`` or ``float32``.
+        keep_audio: also keep every original member (audio, video), so the shards still serve
+            live training (``data.features: live``).
+        prefix: output shard name prefix.
+    """
+    from mmalign.data.cache import cache_features as run_cache
+    from mmalign.data.cache import encoder_from_fit_config
+
+    try:
+        encoder, data = encoder_from_fit_config(fit_config)
+        report = run_cache(
+            shards,
+            out_dir,
+            encoder,
+            sample_rate=int(data.get("sample_rate", 16000)),
+            n_mels=data.get("n_mels", 80),
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            keep_audio=keep_audio,
+            prefix=prefix,
+        )
+    except (OSError, ValueError) as exn:
+        raise SystemExit(f"mmalign cache-features: {exn}") from exn
+    print(
+        f"cached {report.written} samples ({report.total_seconds / 3600:.2f} h) in "
+        f"{len(report.shards)} shard(s) to {out_dir} (window {report.cache['window']}, "
+        f"{dtype}, encoder weights sha256 {report.cache['weights_sha256'][:12]}); "
+        f"skipped {len(report.skipped)}"
+    )
+    if not report.written:
+        raise SystemExit(f"mmalign cache-features: nothing could be written from {shards}")
+
+
 def score(argv: list[str]) -> None:
     """Print WER/CER of utterances.jsonl files (``reference``/``hypothesis`` per line)."""
     import argparse
@@ -273,6 +335,7 @@ EXTRA = {
     "synth": synth,
     "export": export,
     "curriculum": curriculum,
+    "cache-features": cache_features,
 }
 PLAIN = {  # argparse-based: variable numbers of positional files, lists of sweep values
     "score": score,

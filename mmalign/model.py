@@ -14,7 +14,14 @@ from mmalign.data.tasks import prompt_key, prompt_value
 from mmalign.encoders.base import Encoder
 from mmalign.llm.load import CausalLM
 from mmalign.llm.lora import activate, active_adapters, add_rate_adapters, check_strategy
-from mmalign.llm.prompt import IGNORE_INDEX, PromptBuilder, Spliced, splice
+from mmalign.llm.prompt import (
+    IGNORE_INDEX,
+    PromptBuilder,
+    Spliced,
+    attention_inputs,
+    is_flash,
+    splice,
+)
 from mmalign.projectors.base import Projector
 
 Encoded = dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (frames [B, T, D], lengths)
@@ -32,7 +39,9 @@ class SpeechLLM(nn.Module):
     """The whole model; training and decoding both go through :meth:`splice_batch`.
 
     Batch keys used: each encoder's inputs (``audio_features [B, n_mels, T]`` + ``audio_lengths``,
-    ``video [B, Tv, 1, H, W]`` + ``video_lengths``), ``texts``, ``task`` (list of task names),
+    ``video [B, Tv, 1, H, W]`` + ``video_lengths``) or, read from a feature cache,
+    ``encoder_features [B, T', D]`` + ``encoder_lengths`` (the encoder's stored output: it is
+    not run), ``texts``, ``task`` (list of task names),
     optionally ``meta`` (per-sample dicts for prompt fields) and ``durations [B]`` (seconds;
     bounds the number of generated tokens).
 
@@ -47,6 +56,14 @@ class SpeechLLM(nn.Module):
     before every LLM call the adapters of the projector's active rate are switched on, so
     ``model.projector.set_rate(r)`` (what ``mmalign evaluate`` calls) or :meth:`set_rate` is all
     it takes to decode at another rate.
+
+    ``packing`` (training loss only): several samples share one LLM row, laid end to end,
+    position ids restarting at 0 with each and attention kept within each (a block-diagonal
+    causal mask under SDPA and eager attention; FlashAttention's padding-free varlen kernel,
+    all samples in one unpadded row, under ``flash_attention_2``/``_3``). Rows are filled
+    first-fit-decreasing by length up to ``max_packed_tokens`` (default: the batch's longest
+    sample, so no row is longer than unpacked padding makes it). The loss is that of the
+    unpacked batch; decoding is never packed.
     """
 
     def __init__(
@@ -60,9 +77,17 @@ class SpeechLLM(nn.Module):
         video_encoder: Encoder | None = None,
         video_projector: Projector | None = None,
         task_modalities: dict[str, list[str]] | None = None,
+        packing: bool = False,
+        max_packed_tokens: int | None = None,
     ) -> None:
         super().__init__()
         _check_widths("projector", projector, encoder, llm)
+        if max_packed_tokens is not None and (
+            not isinstance(max_packed_tokens, int) or max_packed_tokens < 1
+        ):
+            raise ValueError(f"max_packed_tokens={max_packed_tokens!r}: a positive int or None")
+        self.packing = bool(packing)
+        self.max_packed_tokens = max_packed_tokens
         self.encoder = encoder
         self.projector = projector
         self.video_encoder = video_encoder
@@ -164,7 +189,11 @@ class SpeechLLM(nn.Module):
         and reused across compression rates."""
         needed = {m for t in set(self._tasks(batch)) for m in self.modalities_of(t)}
         return {
-            m: enc.encode_batch(batch) for m, (enc, _) in self.branches().items() if m in needed
+            m: (batch["encoder_features"], batch["encoder_lengths"])  # feature cache
+            if enc is self.encoder and "encoder_features" in batch
+            else enc.encode_batch(batch)
+            for m, (enc, _) in self.branches().items()
+            if m in needed
         }
 
     def _spans(self, batch: dict[str, Any], encoded: Encoded | None = None) -> list[torch.Tensor]:
@@ -202,11 +231,33 @@ class SpeechLLM(nn.Module):
             tails.append(t)
         return heads, tails
 
+    @property
+    def attn_implementation(self) -> str | None:
+        """The LLM's attention kernel as transformers resolved it (``sdpa``, ``eager`` ...)."""
+        config = getattr(self.llm.model, "config", None)
+        found = getattr(config, "_attn_implementation", None)
+        return found or getattr(self.llm, "attn_implementation", None)
+
+    def packing_layout(self) -> str:
+        """How :meth:`forward` lays out the batch: ``none``, ``rows`` (block-diagonal mask) or
+        ``flat`` (one unpadded row, FlashAttention varlen)."""
+        if not self.packing:
+            return "none"
+        return "flat" if is_flash(self.attn_implementation) else "rows"
+
     def splice_batch(
-        self, batch: dict[str, Any], train: bool, encoded: Encoded | None = None
+        self,
+        batch: dict[str, Any],
+        train: bool,
+        encoded: Encoded | None = None,
+        packing: str = "none",
     ) -> Spliced:
+        """The LLM input of ``batch``; ``packing`` (``rows``/``flat``, training only) packs
+        several samples per row (see :func:`mmalign.llm.prompt.splice`)."""
         heads, tails = self._segments(batch)
         targets = [self.prompt.target(t) for t in batch["texts"]] if train else None
+        if packing != "none" and not train:
+            raise ValueError("packing is for training: decoding pads left, one row a sample")
         return splice(
             self.llm.embed,
             heads,
@@ -214,6 +265,8 @@ class SpeechLLM(nn.Module):
             tails,
             targets,
             padding_side="right" if train else "left",
+            packing=packing,
+            max_packed_tokens=self.max_packed_tokens,
         )
 
     def forward(self, batch: dict[str, Any], encoded: Encoded | None = None) -> torch.Tensor:
@@ -222,16 +275,15 @@ class SpeechLLM(nn.Module):
         Logits are computed only at positions that predict a target token (``logits_to_keep``
         with an index tensor): the prompt and modality positions never need the vocabulary
         projection, which is a fifth of a small LLM's compute. ``encoded`` (from :meth:`encode`)
-        skips the encoder.
+        skips the encoder. With ``packing`` the batch is packed (see :meth:`packing_layout`);
+        the mean runs over the same target tokens, so the loss is the unpacked one.
         """
         self.activate_rate()
-        s = self.splice_batch(batch, train=True, encoded=encoded)
+        s = self.splice_batch(batch, train=True, encoded=encoded, packing=self.packing_layout())
         predicts = (s.labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        masking = {"use_cache": False, **attention_inputs(s, self.attn_implementation)}
         out = self.llm.model(  # no KV cache: training never reuses it
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            logits_to_keep=predicts,
-            use_cache=False,
+            inputs_embeds=s.inputs_embeds, logits_to_keep=predicts, **masking
         )
         targets = s.labels[:, predicts + 1]
         return F.cross_entropy(

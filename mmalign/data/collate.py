@@ -12,6 +12,11 @@ key                    type / shape           meaning
 ``audio``              float32 [B, S]         zero-padded 16 kHz waveforms; only with
                                               ``keep_waveform=True`` (WavLM-style encoders)
 ``audio_sample_lengths``  int64 [B]           valid samples per row; only with ``keep_waveform``
+``encoder_features``   float32 [B, T', D]     stored encoder output of a feature cache
+                                              (``mmalign cache-features``), zero-padded in time;
+                                              replaces ``audio_features``/``audio_lengths``, and
+                                              the model skips its (audio) encoder
+``encoder_lengths``    int64 [B]              valid encoder frames per row; with the above
 ``texts``              list[str] (B)          transcripts (the target text)
 ``keys``               list[str] (B)          sample keys, unique within a shard set
 ``task``               list[str] (B)          the sample JSON's ``task``, default ``"asr"``
@@ -106,6 +111,20 @@ def collate_video(
     }
 
 
+def collate_encoder_features(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``encoder_features`` (float32, zero-padded) and ``encoder_lengths`` of samples read from a
+    feature cache (each ``encoder_features [T', D]`` as stored, e.g. float16)."""
+    feats = [s["encoder_features"] for s in samples]
+    dims = {int(f.shape[-1]) for f in feats}
+    if len(dims) > 1 or any(f.dim() != 2 for f in feats):
+        raise ValueError(f"collate: cached encoder features of one batch differ in width {dims}")
+    lengths = torch.tensor([int(f.shape[0]) for f in feats], dtype=torch.long)
+    out = torch.zeros(len(feats), int(lengths.max()), dims.pop(), dtype=torch.float32)
+    for row, f in enumerate(feats):
+        out[row, : f.shape[0]] = f.to(torch.float32)
+    return {"encoder_features": out, "encoder_lengths": lengths}
+
+
 def collate(
     samples: list[dict[str, Any]],
     features: WhisperFeatures,
@@ -115,7 +134,8 @@ def collate(
 ) -> dict[str, Any]:
     """Build a batch (schema in the module docstring) from decoded samples.
 
-    Each sample needs ``audio`` (1-D float tensor at ``features.sample_rate``) and ``text``;
+    Each sample needs ``audio`` (1-D float tensor at ``features.sample_rate``), or
+    ``encoder_features`` ``[T', D]`` and ``duration`` when read from a feature cache, and ``text``;
     ``__key__``, ``duration``, ``task``, ``meta``, ``video`` (uint8 ``[T, H, W]``),
     ``video_fps`` and ``snr`` are used when present. ``video_crop`` centre-crops larger clips
     (None: no crop, clips must share a size).
@@ -123,8 +143,19 @@ def collate(
     if not samples:
         raise ValueError("collate needs at least one sample")
     video = collate_video(samples, video_crop)
-    waves = [s["audio"] for s in samples]
-    feats, frames = features(waves)
+    cached = ["encoder_features" in s for s in samples]
+    if any(cached):  # a feature cache: stored encoder output instead of audio
+        if not all(cached) or keep_waveform:
+            raise ValueError(
+                "collate: a batch is all cached encoder features or all audio, and cached "
+                "samples have no waveform for keep_waveform"
+            )
+        waves = [torch.zeros(0)] * len(samples)  # durations come from the samples
+        audio = collate_encoder_features(samples)
+    else:
+        waves = [s["audio"] for s in samples]
+        feats, frames = features(waves)
+        audio = {"audio_features": feats, "audio_lengths": frames}
     metas = [dict(s.get("meta") or {}) for s in samples]
     tasks = [
         s.get("task") or m.get("task") or DEFAULT_TASK for s, m in zip(samples, metas, strict=True)
@@ -134,8 +165,7 @@ def collate(
         for s, w in zip(samples, waves, strict=True)
     ]
     batch: dict[str, Any] = {
-        "audio_features": feats,
-        "audio_lengths": frames,
+        **audio,
         "texts": [str(s["text"]) for s in samples],
         "keys": [str(s.get("__key__", i)) for i, s in enumerate(samples)],
         "task": [str(t) for t in tasks],

@@ -32,6 +32,10 @@ training clips get a random ``video_crop`` window, flips and optional time masks
 splits the centre crop, the view evaluation and transcription take too. Training audio can get
 noise mixed in at SNRs drawn from ``noise_snrs`` (babble from the batch itself, or noise files);
 the other splits are always clean.
+
+A split whose shards are a feature cache (``mmalign cache-features``; see
+:mod:`mmalign.data.cache` and the ``features`` setting) yields the stored encoder output
+(``encoder_features``) instead of audio, so training never runs the encoder on it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ import torch
 from webdataset.utils import pytorch_worker_info
 
 from mmalign.data.augment import NoiseAugment, parse_snr
-from mmalign.data.batching import estimate_num_batches
+from mmalign.data.batching import LLMLength, estimate_num_batches
+from mmalign.data.cache import check_cache_settings, split_caches
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.pipeline import (
     MixSource,
@@ -83,6 +88,17 @@ class ShardDataModule(L.LightningDataModule):
         predict: Shards to transcribe with ``predict``.
         max_batch_seconds: Cap on a batch's padded audio duration (longest clip x batch size).
         max_batch_size: Optional cap on the number of clips per batch.
+        max_batch_tokens: Optional cap on a batch's padded LLM length (longest estimated LLM
+            sequence x batch size); samples are then bucketed by both costs. The estimate is
+            ``llm_prompt_tokens + llm_tokens_per_second x seconds + characters /
+            chars_per_token``. None (default): duration alone decides. Under ``resampled``
+            sampling the epoch's batch count is still estimated from durations, so a binding
+            token budget makes an epoch cover fewer samples.
+        llm_tokens_per_second: Audio embeddings the LLM reads per second (encoder frame rate
+            / compression rate, e.g. Whisper's 50 at rate 5: 10); 0 leaves them out of the
+            estimate, which then counts target tokens.
+        llm_prompt_tokens: Prompt tokens per sample in that estimate.
+        chars_per_token: Target characters per LLM token in that estimate.
         num_workers: DataLoader worker processes (0 reads in the main process).
         shuffle_buffer: Training samples held for shuffling (compressed audio, so it is cheap).
         bucket_buffer: Samples sorted together for length bucketing.
@@ -112,6 +128,13 @@ class ShardDataModule(L.LightningDataModule):
         max_skip_rate: Stop with an error when more than this share of the samples read in a
             split were unusable (None: never).
         skip_rate_min_samples: Samples read before ``max_skip_rate`` is judged.
+        features: ``auto`` reads a split from the feature cache its shards are (written by
+            ``mmalign cache-features``: ``index.json`` has a ``cache`` block), else from audio;
+            ``cached`` requires every split to be a cache; ``live`` computes features from
+            audio (a cache must then have kept it). Cached batches carry ``encoder_features``
+            instead of ``audio_features``; the model checks the cache matches its encoder
+            before training, and ``noise_snrs``, ``keep_waveform`` and ``require_video`` are
+            refused with a cache.
     """
 
     def __init__(
@@ -122,6 +145,10 @@ class ShardDataModule(L.LightningDataModule):
         predict: str | None = None,
         max_batch_seconds: float = 60.0,
         max_batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+        llm_tokens_per_second: float = 0.0,
+        llm_prompt_tokens: int = 0,
+        chars_per_token: float = 4.0,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         bucket_buffer: int = 200,
@@ -145,6 +172,7 @@ class ShardDataModule(L.LightningDataModule):
         sampling: str = "resampled",
         max_skip_rate: float | None = 0.1,
         skip_rate_min_samples: int = 200,
+        features: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -176,6 +204,13 @@ class ShardDataModule(L.LightningDataModule):
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
+        if max_batch_tokens is not None and not max_batch_tokens > 0:
+            raise ValueError(f"ShardDataModule: max_batch_tokens={max_batch_tokens!r} must be > 0")
+        self.max_batch_tokens = max_batch_tokens
+        try:
+            self.llm_length = LLMLength(llm_tokens_per_second, chars_per_token, llm_prompt_tokens)
+        except ValueError as exn:
+            raise ValueError(f"ShardDataModule: {exn}") from None
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.bucket_buffer = bucket_buffer
@@ -221,6 +256,15 @@ class ShardDataModule(L.LightningDataModule):
                 self.shard_sets[split] = resolve_shards(spec)
             except (OSError, ValueError) as exn:
                 raise FileNotFoundError(f"ShardDataModule {split}={spec!r}: {exn}") from exn
+        # split -> `cache` block of the feature cache it reads (mmalign.data.cache)
+        self.feature_mode = features
+        self.caches = split_caches(self.shard_sets, features)
+        check_cache_settings(
+            self.caches,
+            noise_snrs=noise_snrs,
+            keep_waveform=keep_waveform,
+            require_video=require_video,
+        )
         self._pipelines: dict[str, ShardPipeline] = {}
         self._train_epoch = 0
         self._resume: dict[str, Any] | None = None
@@ -361,6 +405,8 @@ class ShardDataModule(L.LightningDataModule):
                 train=train,
                 max_batch_seconds=self.max_batch_seconds,
                 max_batch_size=self.max_batch_size,
+                max_batch_tokens=self.max_batch_tokens,
+                llm_length=self.llm_length,
                 shuffle_buffer=self.shuffle_buffer,
                 bucket_buffer=self.bucket_buffer,
                 seed=self.seed,
@@ -374,6 +420,7 @@ class ShardDataModule(L.LightningDataModule):
                 mix=self.mixes.get(split),
                 max_audio_seconds=self.max_audio_seconds,
                 max_text_chars=self.max_text_chars,
+                cached=split in self.caches,
             )
             if train:
                 self._apply_resume(pipe)

@@ -14,6 +14,10 @@ writes) or a container (``mp4`` ...; decoded with torchcodec). Its rate is the J
 dropped ("missing video"), so an audio-visual model never sees a batch it cannot use; a batch
 mixing samples with and without video fails in collate and is dropped as a whole.
 
+*Feature caches* (``mmalign cache-features``, :mod:`mmalign.data.cache`) are read with
+``cached=True``: decode takes each sample's stored encoder output (``feats.npy``) and the JSON's
+``duration`` instead of audio, and batches carry ``encoder_features``/``encoder_lengths``.
+
 *Seeds.* Shard order uses ``seed`` and the epoch only, so every rank and worker permutes the shard
 list identically before taking its slice. The sample buffer, batch order, video augmentation and
 noise augmentation also mix in rank and worker. The epoch is counted in the main process by
@@ -53,6 +57,7 @@ from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 import torch
 import webdataset as wds
@@ -63,7 +68,7 @@ from webdataset.tariterators import group_by_keys, url_opener
 from webdataset.utils import pytorch_worker_info
 
 from mmalign.data.augment import NoiseAugment
-from mmalign.data.batching import DurationBatcher
+from mmalign.data.batching import DurationBatcher, LLMLength
 from mmalign.data.collate import DEFAULT_TASK, DEFAULT_VIDEO_CROP, Collator
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.shards import INDEX_NAME, read_index, to_mono_rate
@@ -85,6 +90,9 @@ VIDEO_KEYS = (
 )
 """Tar member extensions read as video, first match wins (``prepare`` writes ``npy``)."""
 
+FEATURES_KEY = "feats.npy"
+"""Member of a feature cache sample (``mmalign cache-features``): encoder output ``[T', D]``."""
+
 SKIP_REASONS = (
     "missing json",
     "bad json",
@@ -100,6 +108,8 @@ SKIP_REASONS = (
     "undecodable video",
     "video smaller than crop",
     "bad video",
+    "missing features",
+    "undecodable features",
     "unreadable shard data",
     "collate failed",
     "other",
@@ -472,6 +482,63 @@ def decode_sample(
     return sample
 
 
+def decode_cached_sample(
+    raw: dict[str, Any],
+    *,
+    task: str | None = None,
+    target_lang: str | None = None,
+    max_audio_seconds: float | None = None,
+    max_text_chars: int | None = None,
+) -> dict[str, Any]:
+    """A feature cache's raw sample (see :mod:`mmalign.data.cache`) to a decoded sample with
+    ``encoder_features`` (``[T', D]`` as stored) and the JSON's ``duration`` in place of audio;
+    otherwise as :func:`decode_sample` (task, limits). Raises :class:`SampleError`."""
+    if raw.get("json") is None:
+        raise SampleError("missing json")
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exn:
+        raise SampleError(f"bad json: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise SampleError("bad json: not an object")
+    text = meta.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise SampleError("missing text")
+    duration = meta.get("duration")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+        raise SampleError(f"bad json: duration {duration!r}")
+    if raw.get(FEATURES_KEY) is None:
+        raise SampleError("missing features")
+    try:
+        feats = np.load(io.BytesIO(raw[FEATURES_KEY]), allow_pickle=False)
+    except Exception as exn:
+        raise SampleError(f"undecodable features: {exn}") from exn
+    if feats.ndim != 2 or feats.dtype.kind != "f" or feats.shape[0] == 0:
+        raise SampleError(f"undecodable features: {feats.dtype} {feats.shape}, not [T, D] float")
+    if max_audio_seconds is not None and duration > max_audio_seconds:
+        raise SampleError(
+            f"audio too long: {duration:.1f} s > max_audio_seconds={max_audio_seconds}"
+        )
+    sample: dict[str, Any] = {
+        "__key__": raw.get("__key__"),
+        "__url__": raw.get("__url__"),
+        "text": text,
+        "task": str(meta.get("task") or DEFAULT_TASK),
+        "meta": meta,
+        "encoder_features": torch.from_numpy(feats),
+        "duration": float(duration),
+    }
+    try:
+        sample = apply_task(sample, task, target_lang)
+    except TaskError as exn:
+        raise SampleError(str(exn).replace(" into ", ": into ", 1)) from exn
+    if max_text_chars is not None and len(sample["text"]) > max_text_chars:
+        raise SampleError(
+            f"text too long: {len(sample['text'])} characters > max_text_chars={max_text_chars}"
+        )
+    return sample
+
+
 class EpochState:
     """Epoch number shared by the stages of one pipeline copy; advanced by :class:`ShardLoader`.
 
@@ -647,23 +714,30 @@ class _Decode(wds.PipelineStage):
         task: str | None = None,
         target_lang: str | None = None,
         limits: dict[str, Any] | None = None,
+        cached: bool = False,
     ) -> None:
         self.sample_rate, self.counter = sample_rate, counter
         self.require_video, self.task, self.target_lang = require_video, task, target_lang
         self.limits = dict(limits or {})
+        self.cached = cached  # a feature cache: encoder output in place of audio
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for raw in src:
             self.counter.saw()
             try:
-                sample = decode_sample(
-                    raw,
-                    self.sample_rate,
-                    require_video=self.require_video,
-                    task=self.task,
-                    target_lang=self.target_lang,
-                    **self.limits,
-                )
+                if self.cached:
+                    sample = decode_cached_sample(
+                        raw, task=self.task, target_lang=self.target_lang, **self.limits
+                    )
+                else:
+                    sample = decode_sample(
+                        raw,
+                        self.sample_rate,
+                        require_video=self.require_video,
+                        task=self.task,
+                        target_lang=self.target_lang,
+                        **self.limits,
+                    )
             except Exception as exn:
                 self.counter.skip(str(exn), url=raw.get("__url__"), key=raw.get("__key__"))
                 continue
@@ -787,6 +861,8 @@ def build_pipeline(
     train: bool,
     max_batch_seconds: float = 60.0,
     max_batch_size: int | None = None,
+    max_batch_tokens: float | None = None,
+    llm_length: LLMLength | None = None,
     shuffle_buffer: int = 1000,
     bucket_buffer: int = 200,
     seed: int = 0,
@@ -800,10 +876,13 @@ def build_pipeline(
     mix: Sequence[tuple[MixSource, list[str]]] | None = None,
     max_audio_seconds: float | None = None,
     max_text_chars: int | None = None,
+    cached: bool = False,
 ) -> ShardPipeline:
     """The batch stream over ``urls``. ``train`` shuffles shards, samples and batch order;
     otherwise one deterministic pass. ``batches_per_worker`` makes the stream endless (shards are
     re-read, reshuffled) and cuts each epoch after that many batches per worker.
+    ``max_batch_tokens`` also caps a batch's padded LLM length as ``llm_length`` estimates it
+    (see :mod:`mmalign.data.batching`).
 
     ``video_transform`` runs on every clip after decoding (a training transform draws from a
     seeded generator); ``video_crop`` is collate's centre crop of clips still larger than it.
@@ -811,8 +890,12 @@ def build_pipeline(
     ``require_video`` drops samples without video; ``task`` replaces every sample's task.
     ``mix`` (pairs of :class:`MixSource` and its shard URLs) replaces ``urls`` with several
     shard sets, each decoded with its own task and target language, drawn by weight.
-    ``max_audio_seconds``/``max_text_chars`` skip over-long samples.
+    ``max_audio_seconds``/``max_text_chars`` skip over-long samples. ``cached`` reads a feature
+    cache (:mod:`mmalign.data.cache`): batches carry ``encoder_features`` instead of audio, and
+    waveform noise cannot be mixed in.
     """
+    if cached and train and noise is not None and noise.enabled:
+        raise ValueError("build_pipeline: a feature cache has no waveforms to mix noise into")
     counter, state = SkipCounter(), EpochState()
     limits = {"max_audio_seconds": max_audio_seconds, "max_text_chars": max_text_chars}
     parts = _SeedParts(state)
@@ -830,7 +913,9 @@ def build_pipeline(
         ]
         if train and shuffle_buffer > 1:
             chain.append(_SeededShuffle(shuffle_buffer, src_seed, parts))
-        chain.append(_Decode(features.sample_rate, counter, require_video, src_task, tgt, limits))
+        chain.append(
+            _Decode(features.sample_rate, counter, require_video, src_task, tgt, limits, cached)
+        )
         return chain
 
     if mix:
@@ -851,6 +936,8 @@ def build_pipeline(
             shuffle=train,
             seed=seed,
             seed_parts=parts,
+            max_batch_tokens=max_batch_tokens,
+            tokens=llm_length,
         )
     )
     if train and noise is not None and noise.enabled:

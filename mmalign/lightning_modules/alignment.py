@@ -77,6 +77,12 @@ class AlignmentModule(L.LightningModule):
         max_nonfinite_steps: a step whose loss or gradients are not finite is skipped (no
             optimizer update) and counted (``train/nonfinite_steps``); this many in a row stop
             the run with an error. Under 16-bit AMP the grad scaler handles this instead.
+        packing: pack several short samples into one LLM row for the loss (training and the
+            validation loss; decoding is never packed), attention kept within each sample and
+            position ids restarting per sample: the loss is the unpacked one, with less
+            padding (see :class:`mmalign.model.SpeechLLM`).
+        max_packed_tokens: longest packed row; default: the batch's longest sample, so no
+            row is longer than unpacked padding makes it.
 
     Randomness inside a training step (LoRA and projector dropout) is seeded from
     (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
@@ -112,6 +118,8 @@ class AlignmentModule(L.LightningModule):
         init_from: str | None = None,
         init_adapter: str = "continue",
         max_nonfinite_steps: int = 10,
+        packing: bool = False,
+        max_packed_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if (video_encoder is None) != (video_projector is None):
@@ -130,6 +138,8 @@ class AlignmentModule(L.LightningModule):
                 else None
             ),
             task_modalities=task_modalities,
+            packing=packing,
+            max_packed_tokens=max_packed_tokens,
         )
         self.modality_dropout = self._check_dropout(modality_dropout)
         self.rate_sampling = rate_sampling
@@ -314,8 +324,19 @@ class AlignmentModule(L.LightningModule):
                 f"data.n_mels={dm.n_mels} but the encoder expects {n_mels} mel bins; "
                 "set data.init_args.n_mels to match"
             )
+        caches = getattr(dm, "caches", None) or {}
+        if caches:  # feature caches: refuse one the model's encoder would not have written
+            from mmalign.data.cache import check_model_cache
+
+            check_model_cache(self.model, caches, sample_rate=dm.sample_rate, n_mels=dm.n_mels)
+        all_cached = bool(caches) and set(caches) == set(getattr(dm, "shard_sets", {}))
         keys = getattr(self.model.encoder, "input_keys", ())
-        if dm is not None and "audio" in keys and not getattr(dm, "keep_waveform", True):
+        if (
+            dm is not None
+            and "audio" in keys
+            and not getattr(dm, "keep_waveform", True)
+            and not all_cached
+        ):
             raise ValueError(
                 f"{type(self.model.encoder).__name__} reads raw waveforms (batch['audio']); "
                 "set data.keep_waveform: true"
