@@ -96,6 +96,12 @@ class Encoder(nn.Module):
                     f"{type(self).__name__} reads batch[{key!r}], which the data did not provide"
                     + (" (set data.keep_waveform: true)" if key == "audio" else "")
                 )
+        if self.frozen and not self.has_trainable():
+            # nothing here trains: inference mode skips autograd's bookkeeping entirely; the
+            # output is copied out of it so the trainable projector can use it in autograd
+            with torch.inference_mode():
+                features, lengths = self(batch[self.input_key], batch[self.lengths_key])
+            return features.clone(), lengths.clone()
         return self(batch[self.input_key], batch[self.lengths_key])
 
     def init_config(self) -> dict[str, Any]:

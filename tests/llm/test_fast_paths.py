@@ -28,3 +28,30 @@ def test_compile_wraps_every_decoder_layer_only(tokenizer_dir) -> None:
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled.model))
     others = [m for m in compiled.model.modules() if m not in decoder_layers(compiled.model)]
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in others)
+
+
+def test_frozen_encoder_runs_in_inference_mode_and_hands_out_normal_tensors(monkeypatch) -> None:
+    import torch
+    from conftest import tiny_batch, tiny_whisper_config
+
+    from mmalign.encoders.whisper import WhisperEncoder
+
+    encoder = WhisperEncoder(source="random", config=tiny_whisper_config())
+    modes = []
+    forward = encoder.forward
+
+    def spy(*args):
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args)
+
+    monkeypatch.setattr(encoder, "forward", spy)
+    features, lengths = encoder.encode_batch(tiny_batch())
+    assert modes == [True]
+    assert not features.is_inference() and not lengths.is_inference()
+    weight = torch.randn(features.shape[-1], 2, requires_grad=True)
+    (features @ weight).sum().backward()  # usable by a trainable projector
+    assert weight.grad is not None
+    encoder.model.layers[0].fc1.weight.requires_grad_(True)  # something trains: autograd mode
+    modes.clear()
+    encoder.encode_batch(tiny_batch())
+    assert modes == [False]
