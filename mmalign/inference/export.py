@@ -4,7 +4,9 @@ Every weight file is safetensors (loading never unpickles), and checkpoints are 
 ``weights_only=True``. Layout: ``adapter/`` (peft's own format), ``projector.safetensors``,
 ``encoder.safetensors`` (only when the encoder has trainable weights), the same two with a
 ``video_`` prefix for an audio-visual model, and ``mmalign.json`` (encoder, projector and LLM specs
-plus prompts).
+plus prompts). An adapter whose initialisation moved part of the frozen weights into it
+(``pissa_niter_<n>``, ``corda``, ``lora_ga``; see :mod:`mmalign.llm.tuners`) is written as the
+equivalent plain LoRA of twice the rank on the original weights, so it loads like any other.
 
 A multi-rate (Matryoshka) model keeps every adapter: peft's ``save_pretrained`` writes the
 ``default`` (shared) adapter at ``adapter/`` and each other one in ``adapter/<name>/`` (e.g.
@@ -19,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, get_peft_config
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from mmalign.components import build, spec
 from mmalign.llm.load import CausalLM
 from mmalign.llm.lora import SHARED_ADAPTER
+from mmalign.llm.tuners import (
+    config_from_dict,
+    convert_export,
+    offset_buffer_names,
+    sync_base_offsets,
+)
 from mmalign.model import SpeechLLM
 
 CONFIG_NAME = "mmalign.json"
@@ -68,7 +76,7 @@ def build_from_description(
     trained projector and adapter, which must have the same architecture (adapter transfer,
     e.g. train on an instruct model and decode with its base model)."""
     encoder = build(desc["encoder"])
-    adapter = get_peft_config(desc["adapter"]) if with_adapter and desc.get("adapter") else None
+    adapter = config_from_dict(desc["adapter"]) if with_adapter and desc.get("adapter") else None
     llm_spec = desc["llm"]
     if llm is not None:
         llm_spec = {**llm_spec, "init_args": {**llm_spec["init_args"], "source": llm}}
@@ -126,7 +134,9 @@ def load_checkpoint(
             "was it trained on an LLM of another size?"
         )
     result = model.load_state_dict(state, strict=False)
+    sync_base_offsets(model.llm)  # frozen weights minus the adapter's init offsets
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable |= {f"llm.{n}" for n in offset_buffer_names(model.llm)}
     missing = [k for k in result.missing_keys if k in trainable]
     if missing or result.unexpected_keys:
         raise RuntimeError(
@@ -142,6 +152,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if model.llm.adapter is not None:
         model.llm.model.save_pretrained(out / "adapter", safe_serialization=True)
+        convert_export(model.llm.model, out / "adapter")  # a plain LoRA on the original weights
     for prefix, encoder, projector in _parts(model):
         save_file(
             {k: v.contiguous() for k, v in projector.state_dict().items()},

@@ -19,6 +19,14 @@ from mmalign.data.tasks import TRANSLATION_TASKS
 from mmalign.encoders.base import Encoder
 from mmalign.eval.metrics import error_rates, translation_metrics
 from mmalign.llm.load import CausalLM
+from mmalign.llm.tuners import (
+    OFFSET_A,
+    OFFSET_B,
+    calibrate,
+    check_strategy,
+    offset_buffer_names,
+    sync_base_offsets,
+)
 from mmalign.model import SpeechLLM
 from mmalign.projectors.base import Projector
 
@@ -26,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ProjectorFactory = Callable[[int, int], Projector]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
+OFFSET_SUFFIXES = (OFFSET_A, OFFSET_B)  # adapter init offsets (see mmalign.llm.tuners)
 
 
 def _clean(name: str) -> str:
@@ -83,6 +92,11 @@ class AlignmentModule(L.LightningModule):
             padding (see :class:`mmalign.model.SpeechLLM`).
         max_packed_tokens: longest packed row; default: the batch's longest sample, so no
             row is longer than unpacked padding makes it.
+        adapter_init_batches: training batches of the calibration pass that a data-driven
+            adapter initialisation (``init_lora_weights`` ``eva``, ``corda``, ``lora_ga``,
+            ``lora_one``) runs at the start of ``fit``, through the real forward and loss,
+            before the optimizer exists (see :mod:`mmalign.llm.tuners`); not when
+            ``init_from`` continues a trained adapter.
 
     Randomness inside a training step (LoRA and projector dropout) is seeded from
     (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
@@ -120,10 +134,13 @@ class AlignmentModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         packing: bool = False,
         max_packed_tokens: int | None = None,
+        adapter_init_batches: int = 8,
     ) -> None:
         super().__init__()
         if (video_encoder is None) != (video_projector is None):
             raise ValueError("model.video_encoder and model.video_projector come together")
+        check_strategy(llm, lora_strategy)
+        self.adapter_init_batches = adapter_init_batches
         self.model = SpeechLLM(
             encoder,
             projector(encoder.dim, llm.hidden_size),
@@ -168,6 +185,8 @@ class AlignmentModule(L.LightningModule):
         self.init_from = init_from
         if init_from is not None:
             self.load_trained(init_from, skip_lora=init_adapter == "fresh")
+            if init_adapter == "continue":  # the adapter is trained: no data-driven init
+                self.model.llm.pending_init = None
 
     def load_trained(self, checkpoint: str, skip_lora: bool = False) -> list[str]:
         """Start from another run's trained weights (a curriculum stage): every trainable
@@ -176,7 +195,11 @@ class AlignmentModule(L.LightningModule):
         from mmalign.checkpoint_io import load_checkpoint_file
 
         ckpt = load_checkpoint_file(checkpoint)
-        state = {k: v for k, v in ckpt["state_dict"].items() if not (skip_lora and "lora_" in k)}
+        state = {
+            k: v
+            for k, v in ckpt["state_dict"].items()
+            if not (skip_lora and ("lora_" in k or k.endswith(OFFSET_SUFFIXES)))
+        }
         own = dict(self.state_dict())
         trainable = self.trainable_names()
         unknown = [k for k in state if k not in own or k not in trainable]
@@ -192,6 +215,7 @@ class AlignmentModule(L.LightningModule):
                 f"{'; nothing to load' if not state else ''})"
             )
         super().load_state_dict(state, strict=False)
+        sync_base_offsets(self.model.llm)
         return sorted(state)
 
     def _check_rates(
@@ -271,6 +295,7 @@ class AlignmentModule(L.LightningModule):
         """State-dict keys that a checkpoint carries: trainable parameters and projector buffers."""
         names = {_clean(n) for n, p in self.named_parameters() if p.requires_grad}
         names |= {f"model.projector.{n}" for n, _ in self.model.projector.named_buffers()}
+        names |= {_clean(f"model.llm.{n}") for n in offset_buffer_names(self.model.llm)}
         if self.model.video_projector is not None:
             buffers = self.model.video_projector.named_buffers()
             names |= {f"model.video_projector.{n}" for n, _ in buffers}
@@ -292,6 +317,7 @@ class AlignmentModule(L.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign=False):
         """Load trainable weights; every missing key must belong to a frozen part."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        sync_base_offsets(self.model.llm)  # frozen weights minus the loaded init offsets
         trainable = self.trainable_names()
         missing = [k for k in result.missing_keys if k in trainable]
         if missing or result.unexpected_keys:
@@ -341,6 +367,8 @@ class AlignmentModule(L.LightningModule):
                 f"{type(self.model.encoder).__name__} reads raw waveforms (batch['audio']); "
                 "set data.keep_waveform: true"
             )
+        if stage == "fit":  # a data-driven adapter init: before the optimizer is built
+            calibrate(self, self.adapter_init_batches)
 
     def on_fit_start(self) -> None:
         self.print(f"trainable parameters: {self.num_trainable_parameters():,}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -151,7 +151,10 @@ class CausalLM(nn.Module):
         source: hub id, local directory, ``.gguf`` file, ``pinned:<name>`` or ``random``
             (see :func:`load_llm`).
         adapter: any ``peft.PeftConfig`` (e.g. ``peft.LoraConfig`` injected from YAML), so
-            rank, alpha, dropout and target modules are peft's own settings.
+            rank, alpha, dropout and target modules are peft's own settings; checked at
+            construction (see :mod:`mmalign.llm.tuners` for what is supported and refused).
+            A data-driven initialisation (``eva``, ``corda``, ``lora_ga``, ``lora_one``) is
+            left in ``pending_init`` until ``mmalign fit`` calibrates it.
         dtype: dtype of the frozen weights.
         tokenizer: tokenizer hub id or directory (default: ``source``'s).
         config: ``AutoConfig.for_model`` kwargs for ``source="random"``.
@@ -195,10 +198,11 @@ class CausalLM(nn.Module):
         model.requires_grad_(False)
         if gradient_checkpointing:
             enable_checkpointing(model)
+        self.pending_init: str | None = None  # a data-driven init awaiting calibration
         if adapter is not None:
-            if getattr(adapter, "task_type", None) is None:
-                adapter.task_type = "CAUSAL_LM"
-            model = get_peft_model(model, adapter)
+            from mmalign.llm.tuners import attach_adapter
+
+            model, self.pending_init = attach_adapter(model, adapter)
         self.adapter = adapter
         self.model = model
         if compile:
