@@ -52,7 +52,7 @@ def test_shards(manifest: Path, n: int) -> Path:
             f.write(
                 json.dumps({**r, "audio": str((manifest.parent / r["audio"]).resolve())}) + "\n"
             )
-    report = prepare(small, out, progress=False)
+    report = prepare(small, out, progress=False, root=manifest.parent)
     if not report.ok:
         raise SystemExit(f"could not prepare {small}")
     return out
