@@ -12,8 +12,16 @@ from torch import nn
 
 from mmalign.data.tasks import prompt_key, prompt_value
 from mmalign.encoders.base import Encoder
-from mmalign.llm.load import CausalLM
-from mmalign.llm.lora import activate, active_adapters, add_rate_adapters, check_strategy
+from mmalign.llm.load import CausalLM, is_checkpointing
+from mmalign.llm.lora import (
+    activate,
+    active_adapters,
+    add_named_adapters,
+    add_rate_adapters,
+    check_strategy,
+    task_adapter_map,
+    task_adapter_names,
+)
 from mmalign.llm.prompt import (
     IGNORE_INDEX,
     PromptBuilder,
@@ -22,6 +30,7 @@ from mmalign.llm.prompt import (
     is_flash,
     splice,
 )
+from mmalign.llm.scaling import DeltaScale, PromptScaler
 from mmalign.projectors.base import Projector
 
 Encoded = dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (frames [B, T, D], lengths)
@@ -64,7 +73,25 @@ class SpeechLLM(nn.Module):
     first-fit-decreasing by length up to ``max_packed_tokens`` (default: the batch's longest
     sample, so no row is longer than unpacked padding makes it). The loss is that of the
     unpacked batch; decoding is never packed.
+
+    ``task_adapters`` (modality- or task-specific LoRA, see :mod:`mmalign.llm.lora`) maps each
+    task to the adapter(s) its samples run through, e.g. ``{asr: speech, st: [speech,
+    translation], vsr: vision, avsr: [speech, vision]}``. The encoders and projectors run once
+    for the whole batch; then the samples are grouped by adapter set and each group gets its
+    own LLM pass with exactly its adapters active (peft's mixed-batch ``adapter_names=``
+    forward is inference-only), so an adapter is trained only by its tasks' samples (the others
+    leave its ``grad`` None). The loss is the mean over all the batch's target tokens, as
+    without groups (each group's mean weighted by its share of target tokens); decoding groups
+    the same way and returns the texts in batch order.
+
+    ``prompt_aware_scaling`` (WavLLM) adds :attr:`prompt_scaler`, a small trainable head that
+    reads the mean of each sample's prompt-token embeddings and scales the output of every
+    adapter for that sample (see :mod:`mmalign.llm.scaling`); ``prompt_scaling_dim`` is its
+    hidden width.
     """
+
+    # SpeechLLM arguments that describe the adapter layout (exports and checkpoints keep them)
+    ADAPTER_OPTIONS = ("task_adapters", "prompt_aware_scaling", "prompt_scaling_dim")
 
     def __init__(
         self,
@@ -79,6 +106,9 @@ class SpeechLLM(nn.Module):
         task_modalities: dict[str, list[str]] | None = None,
         packing: bool = False,
         max_packed_tokens: int | None = None,
+        task_adapters: dict[str, str | list[str]] | None = None,
+        prompt_aware_scaling: bool = False,
+        prompt_scaling_dim: int = 64,
     ) -> None:
         super().__init__()
         _check_widths("projector", projector, encoder, llm)
@@ -122,7 +152,47 @@ class SpeechLLM(nn.Module):
                 )
             if llm.adapter is not None:
                 add_rate_adapters(llm.model, llm.adapter, lora_strategy, self.rates)
+        self.task_adapters = self._check_task_adapters(task_adapters, llm, lora_strategy)
+        if self.task_adapters is not None and llm.adapter is not None:
+            names = add_named_adapters(
+                llm.model, llm.adapter, task_adapter_names(self.task_adapters)
+            )
+            activate(llm.model, names)  # all of them until a batch picks its own
+        self.prompt_aware_scaling = bool(prompt_aware_scaling)
+        self.prompt_scaling_dim = prompt_scaling_dim
+        self.prompt_scaler = (
+            PromptScaler(llm.hidden_size, prompt_scaling_dim) if prompt_aware_scaling else None
+        )
+        self._delta_scale = DeltaScale()
         self.activate_rate()
+
+    @staticmethod
+    def _check_task_adapters(
+        task_adapters: dict[str, str | list[str]] | None, llm: CausalLM, lora_strategy: str
+    ) -> dict[str, tuple[str, ...]] | None:
+        if task_adapters is None:
+            return None
+        mapping = task_adapter_map(task_adapters)
+        if lora_strategy != "shared":
+            raise ValueError(
+                f"task_adapters and lora_strategy {lora_strategy!r} cannot be combined: "
+                "use lora_strategy 'shared' (one adapter set for every rate)"
+            )
+        from mmalign.llm.tuners import DATA_INITS, init_of, managed
+
+        init = init_of(llm.adapter)
+        if managed(init) or init in DATA_INITS or init in ("pissa", "olora"):
+            raise ValueError(
+                f"init_lora_weights={init!r} initialises one adapter (or moves frozen weights "
+                "into it); task_adapters holds several: use a data-free init (true, gaussian)"
+            )
+        if len(set(mapping.values())) > 1 and is_checkpointing(llm.model):
+            raise ValueError(
+                "task_adapters with several adapter sets cannot use LLM gradient "
+                "checkpointing: recomputation in backward would run every group's layers "
+                "with the last group's adapters"
+            )
+        return mapping
 
     @property
     def rates(self) -> list[int] | None:
@@ -147,6 +217,70 @@ class SpeechLLM(nn.Module):
         if self.lora_strategy == "shared" or self.llm.adapter is None:
             return
         activate(self.llm.model, active_adapters(self.lora_strategy, self.projector.rate))
+
+    def adapters_of(self, task: str) -> tuple[str, ...]:
+        """The adapters a sample of ``task`` runs through (``task_adapters`` only)."""
+        assert self.task_adapters is not None
+        if task not in self.task_adapters:
+            raise KeyError(
+                f"task {task!r} has no adapter in task_adapters "
+                f"({ {t: list(n) for t, n in self.task_adapters.items()} }); add it"
+            )
+        return self.task_adapters[task]
+
+    def adapter_groups(
+        self, batch: dict[str, Any]
+    ) -> list[tuple[tuple[str, ...] | None, list[int]]]:
+        """``(adapter names, sample indices)`` per LLM pass, in order of first appearance;
+        one group of every sample (names None: the rate's adapters) without task adapters."""
+        tasks = self._tasks(batch)
+        if self.task_adapters is None:
+            return [(None, list(range(len(tasks))))]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, task in enumerate(tasks):
+            groups.setdefault(self.adapters_of(task), []).append(i)
+        return list(groups.items())
+
+    def _activate(self, names: tuple[str, ...] | None) -> None:
+        if names is None:
+            self.activate_rate()
+            return
+        if not hasattr(self.llm.model, "peft_config"):
+            raise ValueError("task_adapters needs an LLM adapter (model.llm.init_args.adapter)")
+        activate(self.llm.model, names)
+
+    def prompt_scales(self, heads: Sequence[Sequence[int]], tails: Sequence[Sequence[int]]):
+        """Per-sample adapter scales ``[B]`` from the mean embedding of each sample's prompt
+        tokens (head and tail around the modality span; one scaler call per distinct prompt)."""
+        if self.prompt_scaler is None:
+            raise ValueError("prompt_aware_scaling is off")
+        keys = [(tuple(h), tuple(t)) for h, t in zip(heads, tails, strict=True)]
+        distinct = list(dict.fromkeys(keys))
+        weight = self.llm.model.get_input_embeddings().weight
+        pooled = []
+        for head, tail in distinct:
+            ids = torch.tensor([*head, *tail], dtype=torch.long, device=weight.device)
+            emb = self.llm.embed(ids)
+            pooled.append(emb.mean(0) if len(ids) else emb.new_zeros(weight.shape[1]))
+        scales = self.prompt_scaler(torch.stack(pooled))
+        where = {k: i for i, k in enumerate(distinct)}
+        return scales[torch.tensor([where[k] for k in keys], device=scales.device)]
+
+    def _scale_adapters(self, heads, tails, sequence_ids: torch.Tensor | None = None) -> None:
+        """Set the per-sample adapter scales of the next LLM call (prompt-aware scaling)."""
+        if self.prompt_scaler is None:
+            return
+        if not self._delta_scale.install(self.llm.model):
+            raise ValueError(
+                "prompt_aware_scaling needs an adapter on the LLM's layers (LoRA, DoRA, VeRA "
+                "...); this LLM has none"
+            )
+        self._delta_scale.set(self.prompt_scales(heads, tails), sequence_ids)
+
+    def _unscale_adapters(self) -> None:
+        """Drop the scales after an LLM call, unless backward recomputes the layers."""
+        if self.prompt_scaler is not None and not is_checkpointing(self.llm.model):
+            self._delta_scale.clear()
 
     @property
     def tokenizer(self):
@@ -276,18 +410,50 @@ class SpeechLLM(nn.Module):
         with an index tensor): the prompt and modality positions never need the vocabulary
         projection, which is a fifth of a small LLM's compute. ``encoded`` (from :meth:`encode`)
         skips the encoder. With ``packing`` the batch is packed (see :meth:`packing_layout`);
-        the mean runs over the same target tokens, so the loss is the unpacked one.
+        the mean runs over the same target tokens, so the loss is the unpacked one. With
+        ``task_adapters`` each adapter group has its own LLM pass and the group means are
+        weighted by their target-token counts: the mean over the whole batch's target tokens.
         """
-        self.activate_rate()
-        s = self.splice_batch(batch, train=True, encoded=encoded, packing=self.packing_layout())
+        heads, tails = self._segments(batch)
+        targets = [self.prompt.target(t) for t in batch["texts"]]
+        spans = self._spans(batch, encoded)
+        groups = self.adapter_groups(batch)
+        losses, counts = [], []
+        for names, idx in groups:
+            self._activate(names)
+            losses.append(
+                self._loss(*([xs[i] for i in idx] for xs in (heads, spans, tails, targets)))
+            )
+            counts.append(sum(len(targets[i]) for i in idx))
+        if len(losses) == 1:
+            return losses[0]
+        total = sum(counts)
+        return sum(loss * (n / total) for loss, n in zip(losses, counts, strict=True))
+
+    def _loss(self, heads: list, spans: list, tails: list, targets: list) -> torch.Tensor:
+        """Mean cross-entropy of one LLM pass over these samples (the active adapters)."""
+        s = splice(
+            self.llm.embed,
+            heads,
+            spans,
+            tails,
+            targets,
+            padding_side="right",
+            packing=self.packing_layout(),
+            max_packed_tokens=self.max_packed_tokens,
+        )
         predicts = (s.labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         masking = {"use_cache": False, **attention_inputs(s, self.attn_implementation)}
-        out = self.llm.model(  # no KV cache: training never reuses it
-            inputs_embeds=s.inputs_embeds, logits_to_keep=predicts, **masking
-        )
-        targets = s.labels[:, predicts + 1]
+        self._scale_adapters(heads, tails, s.sequence_ids)
+        try:
+            out = self.llm.model(  # no KV cache: training never reuses it
+                inputs_embeds=s.inputs_embeds, logits_to_keep=predicts, **masking
+            )
+        finally:
+            self._unscale_adapters()
+        labels = s.labels[:, predicts + 1]
         return F.cross_entropy(
-            out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
         )
 
     def loss_per_rate(
@@ -325,26 +491,42 @@ class SpeechLLM(nn.Module):
         """Batched decoding with left padding; greedy unless ``num_beams`` > 1 or sampling asked.
 
         Decodes at the projector's active rate; ``encoded`` (from :meth:`encode`) skips the
-        encoder when one batch is decoded at several rates.
+        encoder when one batch is decoded at several rates. With ``task_adapters`` each adapter
+        group is decoded with its own adapters; the texts come back in batch order.
         """
         if max_new_tokens is None:
             durations = batch.get("durations")
             longest = float(max(durations)) if durations is not None else 30.0
             max_new_tokens = int(math.ceil(longest * tokens_per_second)) + 16
-        self.activate_rate()
-        s = self.splice_batch(batch, train=False, encoded=encoded)
+        heads, tails = self._segments(batch)
+        spans = self._spans(batch, encoded)
         tok = self.tokenizer
         generate_kwargs.setdefault("do_sample", False)
-        out = self.llm.model.generate(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **generate_kwargs,
-        )
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        texts: list[str] = [""] * len(spans)
+        groups = self.adapter_groups(batch)
+        for names, idx in groups:
+            self._activate(names)
+            head, tail = [heads[i] for i in idx], [tails[i] for i in idx]
+            s = splice(self.llm.embed, head, [spans[i] for i in idx], tail, padding_side="left")
+            self._scale_adapters(head, tail)
+            try:
+                out = self.llm.model.generate(
+                    inputs_embeds=s.inputs_embeds,
+                    attention_mask=s.attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    **generate_kwargs,
+                )
+            finally:
+                self._delta_scale.clear()
+            decoded = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+            if len(groups) == 1:
+                return decoded  # several sequences per sample (num_return_sequences) allowed
+            for i, text in zip(idx, decoded, strict=True):
+                texts[i] = text
+        return texts
 
 
 def _check_widths(name: str, projector: Projector, encoder: Encoder, llm: CausalLM) -> None:

@@ -351,6 +351,12 @@ class LLMFSDPStrategy(FSDPStrategy):
         """Matryoshka training over all rates with per-rate adapters cannot recompute: the
         backward would rerun every rate's layers with the last rate's adapters active."""
         speech = _speech_llm(model)
+        if len(set((getattr(speech, "task_adapters", None) or {}).values())) > 1:
+            raise ValueError(
+                "LLMFSDPStrategy(activation_checkpointing=True) cannot be used with several "
+                "task_adapters sets: recomputation in backward would run every group's layers "
+                "with the last group's adapters"
+            )
         sampling = getattr(model, "rate_sampling", None)
         strategy = getattr(speech, "lora_strategy", "shared")
         if speech is not None and sampling == "all" and strategy != "shared":

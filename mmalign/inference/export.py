@@ -11,7 +11,9 @@ equivalent plain LoRA of twice the rank on the original weights, so it loads lik
 A multi-rate (Matryoshka) model keeps every adapter: peft's ``save_pretrained`` writes the
 ``default`` (shared) adapter at ``adapter/`` and each other one in ``adapter/<name>/`` (e.g.
 ``adapter/rate8/``); ``mmalign.json`` lists them under ``adapters`` with the ``lora_strategy``,
-and :func:`load_exported` loads them all and activates those of the projector's rate.
+and :func:`load_exported` loads them all and activates those of the projector's rate. Task
+adapters (``task_adapters``) are saved the same way, the task map in ``mmalign.json``; a
+prompt-aware scaling head goes to ``prompt_scaler.safetensors``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mmalign.model import SpeechLLM
 
 CONFIG_NAME = "mmalign.json"
 CKPT_KEY = "mmalign"
+SCALER_FILE = "prompt_scaler.safetensors"
 
 
 def describe(model: SpeechLLM) -> dict[str, Any]:
@@ -61,6 +64,7 @@ def describe(model: SpeechLLM) -> dict[str, Any]:
             "lora_strategy": model.lora_strategy,
             "prompts": model.prompt.prompts,
             "system_prompt": model.prompt.system_prompt,
+            **{k: getattr(model, k) for k in SpeechLLM.ADAPTER_OPTIONS},
         }
     )
 
@@ -110,6 +114,7 @@ def build_from_description(
         video_encoder=video_encoder,
         video_projector=video_projector,
         task_modalities=desc.get("task_modalities"),
+        **{k: desc[k] for k in SpeechLLM.ADAPTER_OPTIONS if k in desc},
     )
 
 
@@ -161,6 +166,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         encoder_trained = trainable_state(encoder)
         if encoder_trained:  # e.g. WavLM layer weights or encoder LoRA
             save_file(encoder_trained, out / f"{prefix}encoder.safetensors")
+    if model.prompt_scaler is not None:  # prompt-aware adapter scaling head
+        save_file(_contiguous(model.prompt_scaler), out / SCALER_FILE)
     desc = describe(model)
     desc["checkpoint"] = str(checkpoint)
     (out / CONFIG_NAME).write_text(json.dumps(desc, indent=2))
@@ -193,6 +200,8 @@ def load_exported(path: str | Path, device: str = "cpu", llm: str | None = None)
             llm.model.load_adapter(where(name), adapter_name=name)
         llm.adapter = llm.model.peft_config[names[0]]
         model.activate_rate()
+    if model.prompt_scaler is not None:
+        model.prompt_scaler.load_state_dict(load_file(path / SCALER_FILE))
     for prefix, encoder, projector in _parts(model):
         projector.load_state_dict(load_file(path / f"{prefix}projector.safetensors"))
         expected = set(trainable_state(encoder))
@@ -218,6 +227,10 @@ def _parts(model: SpeechLLM) -> list[tuple[str, torch.nn.Module, torch.nn.Module
     if model.video_encoder is not None and model.video_projector is not None:
         parts.append(("video_", model.video_encoder, model.video_projector))
     return parts
+
+
+def _contiguous(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -97,6 +97,13 @@ class AlignmentModule(L.LightningModule):
             ``lora_one``) runs at the start of ``fit``, through the real forward and loss,
             before the optimizer exists (see :mod:`mmalign.llm.tuners`); not when
             ``init_from`` continues a trained adapter.
+        task_adapters: modality/task-specific adapters: task -> adapter name(s), e.g.
+            ``{asr: speech, st: [speech, translation]}``; each sample runs (and trains) only
+            its task's adapters (see :class:`mmalign.model.SpeechLLM`). A batch may leave an
+            adapter unused: under DDP set the strategy's ``find_unused_parameters: true``.
+        prompt_aware_scaling: a trainable head reads each sample's pooled prompt embedding
+            and scales every adapter's output for that sample (WavLLM; see
+            :mod:`mmalign.llm.scaling`); ``prompt_scaling_dim`` is its hidden width.
 
     Randomness inside a training step (LoRA and projector dropout) is seeded from
     (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
@@ -135,6 +142,9 @@ class AlignmentModule(L.LightningModule):
         packing: bool = False,
         max_packed_tokens: int | None = None,
         adapter_init_batches: int = 8,
+        task_adapters: dict[str, str | list[str]] | None = None,
+        prompt_aware_scaling: bool = False,
+        prompt_scaling_dim: int = 64,
     ) -> None:
         super().__init__()
         if (video_encoder is None) != (video_projector is None):
@@ -157,7 +167,15 @@ class AlignmentModule(L.LightningModule):
             task_modalities=task_modalities,
             packing=packing,
             max_packed_tokens=max_packed_tokens,
+            task_adapters=task_adapters,
+            prompt_aware_scaling=prompt_aware_scaling,
+            prompt_scaling_dim=prompt_scaling_dim,
         )
+        if (task_adapters is not None or prompt_aware_scaling) and llm.adapter is None:
+            raise ValueError(
+                "model.task_adapters and model.prompt_aware_scaling need an LLM adapter "
+                "(model.llm.init_args.adapter)"
+            )
         self.modality_dropout = self._check_dropout(modality_dropout)
         self.rate_sampling = rate_sampling
         self.rate_seed = rate_seed
@@ -366,6 +384,13 @@ class AlignmentModule(L.LightningModule):
             raise ValueError(
                 f"{type(self.model.encoder).__name__} reads raw waveforms (batch['audio']); "
                 "set data.keep_waveform: true"
+            )
+        adapter_sets = set((self.model.task_adapters or {}).values())
+        if len(adapter_sets) > 1 and self._sharded():
+            raise ValueError(
+                "model.task_adapters with several adapter sets runs one LLM pass per set "
+                "present in a batch, which sharded strategies (FSDP, DeepSpeed ZeRO-3) cannot "
+                "keep in step across ranks; use DDP"
             )
         if stage == "fit":  # a data-driven adapter init: before the optimizer is built
             calibrate(self, self.adapter_init_batches)

@@ -14,12 +14,23 @@ parameters that require grad) would never see the inactive ones and checkpoints 
 :func:`activate` therefore restores each adapter parameter's previous ``requires_grad``. An
 inactive adapter takes no part in the forward pass, so it still receives no gradient (``p.grad``
 stays None and AdamW skips it, weight decay included).
+
+Task adapters (``task_adapters``, modality- or task-specific LoRA as in Phi-4-multimodal and
+MM-LoRA): a map from task to the adapter(s) its samples run through, e.g. ``{asr: speech,
+st: [speech, translation], vsr: vision, avsr: [speech, vision]}``. Every name becomes an
+adapter of its own (built from the LLM's adapter config, own random init); a name several tasks
+list is shared by them, and the list's adapters are summed like ``shared+per_rate``'s. peft's
+``default`` adapter is kept only when some task names it. :class:`mmalign.model.SpeechLLM` runs
+each group of samples with one adapter set through its own LLM pass (peft's mixed-batch
+``adapter_names=`` forward refuses training mode), so an adapter only ever sees, and is only
+ever trained by, the samples of its tasks.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 from peft import PeftConfig, PeftModel
 
@@ -63,7 +74,41 @@ def add_rate_adapters(
 ) -> list[str]:
     """Give ``model`` (a fresh ``get_peft_model`` with adapter ``default``) the adapters of
     ``strategy``, all trainable; returns their names. Each new adapter has its own random init."""
-    names = adapter_names(strategy, rates)
+    return add_named_adapters(model, config, adapter_names(strategy, rates))
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def task_adapter_map(
+    task_adapters: Mapping[str, str | Sequence[str]],
+) -> dict[str, tuple[str, ...]]:
+    """``task_adapters`` with every value a tuple of distinct adapter names (a bare string is
+    one name); raises on an empty map, an empty list or a name peft cannot hold."""
+    if not task_adapters:
+        raise ValueError("task_adapters is empty: map each task to its adapter(s)")
+    out: dict[str, tuple[str, ...]] = {}
+    for task, value in task_adapters.items():
+        names = (value,) if isinstance(value, str) else tuple(value)
+        bad = [n for n in names if not isinstance(n, str) or not _NAME.fullmatch(n)]
+        if not names or bad or len(set(names)) != len(names):
+            raise ValueError(
+                f"task_adapters[{task!r}]={list(names)}: one or more distinct adapter names "
+                "(letters, digits, underscores; e.g. speech, vision)"
+            )
+        out[str(task)] = names
+    return out
+
+
+def task_adapter_names(task_adapters: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every adapter a task map names, in first-mention order."""
+    return list(dict.fromkeys(n for names in task_adapters.values() for n in names))
+
+
+def add_named_adapters(model: PeftModel, config: PeftConfig, names: Sequence[str]) -> list[str]:
+    """Give ``model`` (a fresh ``get_peft_model`` with adapter ``default``) the adapters
+    ``names``, all trainable, dropping ``default`` unless named; returns ``names``."""
+    names = list(names)
     for name in names:
         if name not in model.peft_config:
             model.add_adapter(name, copy.deepcopy(config))
