@@ -13,7 +13,7 @@ AVSR   ?= runs/avsr_demo
 AVSR_CONFIG ?= configs/demo/avsr_whisper-tiny+vit-lips_smollm2-135m.yaml
 APT_PACKAGES := espeak-ng sox ffmpeg
 
-.PHONY: setup system-deps test demo demo-avsr demo-st lint format bench clean
+.PHONY: setup system-deps test demo demo-avsr demo-st lint format bench perf-doc clean
 
 setup: $(STAMP) system-deps
 
@@ -82,6 +82,11 @@ bench: setup
 	$(BIN)/python bench/encoder_window.py --threads 1
 	$(BIN)/python bench/projectors.py
 	$(BIN)/python bench/transcribe_throughput.py
+	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/perf_doc.py
+
+perf-doc: setup
+	$(BIN)/python bench/perf_doc.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
