@@ -155,7 +155,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     test_dir = test_shards(args.test_manifest, args.test_utts)
     started = time.perf_counter()
-    rows = [run_one(name, args, test_dir) for name in args.only]
+    rows: list[dict[str, Any]] = []
+    for name in args.only:
+        rows.append(run_one(name, args, test_dir))
+        partial = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2))
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
