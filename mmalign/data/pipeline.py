@@ -406,6 +406,22 @@ def _tar_samples(src: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[s
 tar_samples = pipelinefilter(_tar_samples)
 
 
+def _read_meta(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The sample's JSON object and its non-empty ``text``; raises :class:`SampleError`."""
+    if raw.get("json") is None:
+        raise SampleError("missing json")
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exn:
+        raise SampleError(f"bad json: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise SampleError("bad json: not an object")
+    text = meta.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise SampleError("missing text")
+    return meta, text
+
+
 def decode_sample(
     raw: dict[str, Any],
     sample_rate: int = 16000,
@@ -428,17 +444,7 @@ def decode_sample(
     A video member adds ``video`` (uint8 ``[T, H, W]``) and ``video_fps``, and the audio is cut
     or zero-padded to the video's whole frames; ``require_video`` rejects samples without one.
     """
-    if raw.get("json") is None:
-        raise SampleError("missing json")
-    try:
-        meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exn:
-        raise SampleError(f"bad json: {exn}") from exn
-    if not isinstance(meta, dict):
-        raise SampleError("bad json: not an object")
-    text = meta.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise SampleError("missing text")
+    meta, text = _read_meta(raw)
     audio_key = next((k for k in AUDIO_KEYS if raw.get(k) is not None), None)
     if audio_key is None:
         raise SampleError("missing audio")
@@ -493,17 +499,7 @@ def decode_cached_sample(
     """A feature cache's raw sample (see :mod:`mmalign.data.cache`) to a decoded sample with
     ``encoder_features`` (``[T', D]`` as stored) and the JSON's ``duration`` in place of audio;
     otherwise as :func:`decode_sample` (task, limits). Raises :class:`SampleError`."""
-    if raw.get("json") is None:
-        raise SampleError("missing json")
-    try:
-        meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exn:
-        raise SampleError(f"bad json: {exn}") from exn
-    if not isinstance(meta, dict):
-        raise SampleError("bad json: not an object")
-    text = meta.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise SampleError("missing text")
+    meta, text = _read_meta(raw)
     duration = meta.get("duration")
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
         raise SampleError(f"bad json: duration {duration!r}")
