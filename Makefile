@@ -82,7 +82,7 @@ bench: setup
 	$(BIN)/python bench/encoder_window.py --threads 1
 	$(BIN)/python bench/projectors.py
 	$(BIN)/python bench/transcribe_throughput.py
-	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/perf_doc.py
 
 perf-doc: setup

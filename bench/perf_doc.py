@@ -1,16 +1,26 @@
 """Write docs/PERFORMANCE.md from the benchmarks' JSON in bench/results/ (never typed by hand).
 
     python bench/perf_doc.py          # or: make perf-doc
+    python bench/perf_doc.py --check  # exit 1 when docs/PERFORMANCE.md is out of date
 
-Each section is rendered by the benchmark's own ``table()`` where it has one, else from the
-JSON rows; a benchmark without results says so (the GPU benchmark runs only on a lent GPU).
+Each section gives the result's date, device and command, then its table: rendered by the
+benchmark's own ``table()`` where it has one (train_throughput, gpu_train,
+matryoshka, adapters), else here from the JSON. A result file that does not exist yet says so;
+the GPU benchmark's section says it has not been run until ``bench/results/gpu_train.json``
+exists. Older result files that recorded no date get their last commit date (``git log``), or
+the file's date when uncommitted, marked as such; one that recorded no command says so
+instead of guessing one.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,84 +28,194 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "PERFORMANCE.md"
 
-SECTIONS = [  # (JSON name, bench script, title, command)
-    ("train_speed", "train_speed", "Training throughput", "python bench/train_speed.py"),
-    ("gpu_train", "gpu_train", "GPU training and transcription", "python bench/gpu_train.py"),
-    ("adapters", "adapters", "Adapters", "python bench/adapters.py"),
-    ("matryoshka", "matryoshka", "Matryoshka rates", "python bench/matryoshka.py"),
-    ("encoder_window", None, "Whisper window cropping", "python bench/encoder_window.py"),
+
+def _bench_table(script: str) -> Callable[[dict[str, Any]], str]:
+    """The ``table()`` of ``bench/<script>.py`` (imported from its file when needed)."""
+
+    def render(result: dict[str, Any]) -> str:
+        path = ROOT / "bench" / f"{script}.py"
+        if not path.is_file():
+            return f"(`bench/{script}.py` is gone: the JSON is kept, its table is not rendered)"
+        spec = importlib.util.spec_from_file_location(f"_bench_{script}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.table(result)
+
+    return render
+
+
+def encoder_window_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"Whisper encoder `{result['model']}` ({result['parameters'] / 1e6:.1f} M parameters), "
+        f"{result['dtype']}, {result['threads']} thread(s), median of {result['repeats']} runs",
+        "",
+        "| batch | window s | cropped ms | padded to 30 s ms | padded / cropped | cosine (valid "
+        "frames) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['batch_size']} | {r['window_frames'] / 100:.2f} | {r['cropped_ms']:.1f} | "
+            f"{r['padded_30s_ms']:.1f} | {r['ratio_padded_over_cropped']:.1f} | "
+            f"{r['cosine_valid_frames']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def transcribe_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"`{result['model']}` on `{result['data']}`, {result['dtype']}, {result['threads']} "
+        f"thread(s)",
+        "",
+        "| mode | beams | batch | utterances | audio s | wall s | audio s / s | WER |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["rows"].items():
+        lines.append(
+            f"| {name} | {r['num_beams']} | {r['batch_size']} | {r['utterances']} | "
+            f"{r['audio_seconds']:.1f} | {r['wall_seconds']:.1f} | "
+            f"{r['audio_seconds_per_second']:.2f} | {r['wer']:.2%} |"
+        )
+    lines += ["", f"Speed-up of batched greedy decoding: {result['speedup']:.1f}x"]
+    return "\n".join(lines)
+
+
+# (JSON name, title, renderer, what it shows)
+SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str], str]] = [
+    (
+        "train_throughput",
+        "Training throughput: mmalign's defaults vs Llama-AVSR's settings",
+        _bench_table("train_throughput"),
+        "Audio seconds trained per wall second, padding efficiency and peak memory per sample "
+        "of mmalign's defaults (duration buckets, features in DataLoader workers, Whisper on "
+        "the batch's window) against Llama-AVSR's settings (30 s-padded Whisper, random "
+        "fixed-size batches, log-mel in the training step) and training from the feature "
+        "cache, one model and one corpus, measured in one run. The module docstring of "
+        "`bench/train_throughput.py` says exactly what each arm does.",
+    ),
+    (
+        "gpu_train",
+        "GPU: real-size training and transcription",
+        _bench_table("gpu_train"),
+        "Random-initialised Whisper-small/-medium encoders with 0.5B/1B LLMs, bf16: training "
+        "samples/s, model FLOPs utilisation (formulas in `bench/gpu_train.py`), peak memory "
+        "and batched greedy transcription audio s/s.",
+    ),
+    (
+        "encoder_window",
+        "Whisper on the batch's window vs padding to 30 s",
+        encoder_window_table,
+        "Encoder time alone, same model and batches.",
+    ),
     (
         "transcribe_throughput",
-        None,
-        "Batched transcription",
-        "python bench/transcribe_throughput.py",
+        "Batched greedy transcription vs batch-1 beam search",
+        transcribe_table,
+        "End to end from waveforms through `mmalign.inference.decode`.",
+    ),
+    (
+        "matryoshka",
+        "Matryoshka (multi-rate) training cost",
+        _bench_table("matryoshka"),
+        "One multi-rate model against one single-rate model per rate.",
+    ),
+    (
+        "adapters",
+        "Adapters (LoRA variants) on the demo models",
+        _bench_table("adapters"),
+        "Same data, seed and steps for each peft tuner.",
     ),
 ]
 
 
-def _bench_table(script: str, result: dict[str, Any]) -> str | None:
-    path = ROOT / "bench" / f"{script}.py"
-    if not path.is_file():
-        return None
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(f"_bench_{script}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    table = getattr(module, "table", None)
-    return table(result) if callable(table) else None
+def recorded_date(result: dict[str, Any], path: Path) -> str:
+    if result.get("date"):
+        return str(result["date"])
+    try:
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%cs", "--", str(path.relative_to(ROOT))],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        ).stdout.strip()
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        out = ""
+    if out:
+        return f"{out} (not recorded in the JSON: the file's last commit)"
+    day = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+    return f"{day} (not recorded in the JSON: the file's date)"
 
 
-def _rows_table(rows: Any) -> str:
-    """A Markdown table of a list (or dict) of flat rows: scalar fields only."""
-    if isinstance(rows, dict):
-        rows = [{"name": k, **v} for k, v in rows.items()]
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k, v in row.items() if k not in keys and not isinstance(v, (list, dict))]
+def device(result: dict[str, Any]) -> str:
+    env = result.get("environment") or {}
+    name = env.get("device_name") or result.get("device_name") or env.get("processor")
+    kind = env.get("device") or result.get("device")
+    cpus = env.get("cpus") or result.get("cpu_count")
+    parts = [str(p) for p in (kind, name) if p]
+    if not name and env.get("machine"):
+        parts.append(str(env["machine"]))
+    if cpus:
+        parts.append(f"{cpus} CPU cores")
+    torch_version = env.get("torch") or result.get("torch")
+    if torch_version:
+        parts.append(f"torch {torch_version}")
+    load = env.get("load_average_1min", result.get("load_average_1min"))
+    if load is not None:
+        parts.append(f"1-min load average {load:.1f} at the start")
+    return ", ".join(parts) or "not recorded"
 
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def render() -> str:
+def render(results: Path = RESULTS) -> str:
+    """The whole document, from the JSON files in ``results``."""
     parts = [
         "# Performance",
         "",
-        "Generated by `python bench/perf_doc.py` from `bench/results/*.json`; do not edit by "
-        "hand. Each section names the command that produced it; figures are from the machine "
-        "and date in its JSON.",
+        "Generated by `python bench/perf_doc.py` (`make perf-doc`) from `bench/results/*.json`; "
+        "do not edit by hand. Each section gives the date, device and command of its result. "
+        "CPU timings come from a 2-core machine that may have been shared (see each load "
+        "average); ratios measured in one run are the figures to compare.",
     ]
-    for name, script, title, command in SECTIONS:
-        parts += ["", f"## {title}", "", f"`{command}`", ""]
-        path = RESULTS / f"{name}.json"
+    for name, title, renderer, about in SECTIONS:
+        path = results / f"{name}.json"
+        parts += ["", f"## {title}", "", about, ""]
         if not path.is_file():
-            parts.append(
-                "Not run yet: no results in "
-                f"`bench/results/{name}.json`"
-                + (" (it needs a CUDA GPU; none was lent so far)." if name == "gpu_train" else ".")
-            )
+            if name == "gpu_train":
+                parts.append(
+                    "**The GPU benchmark has not been run**: no `bench/results/gpu_train.json` "
+                    "yet. It needs one CUDA GPU: `python bench/gpu_train.py`."
+                )
+            else:
+                parts.append(f"Not run yet: no `bench/results/{name}.json`.")
             continue
         result = json.loads(path.read_text())
-        env = result.get("environment") or {
-            k: result[k] for k in ("device", "device_name", "threads", "torch") if k in result
-        }
-        date = result.get("date", "date not recorded")
-        parts.append(f"Recorded {date}; environment: `{json.dumps(env)}`")
-        parts.append("")
-        table = _bench_table(script, result) if script else None
-        parts.append(table if table is not None else _rows_table(result.get("rows", [])))
+        command = result.get("command")
+        parts += [
+            f"- date: {recorded_date(result, path)}",
+            f"- device: {device(result)}",
+            "- command: " + (f"`{command}`" if command else "not recorded in the JSON"),
+            f"- results: `bench/results/{name}.json`",
+            "",
+            renderer(result),
+        ]
     return "\n".join(parts) + "\n"
 
 
 def main() -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(render())
-    print(f"wrote {OUT}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != text:
+            sys.exit(f"{args.out} is out of date: run python bench/perf_doc.py")
+        print(f"{args.out} is up to date")
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
