@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from webdataset.utils import pytorch_worker_info
 
 from mmalign.data.augment import NoiseAugment, parse_snr
@@ -298,6 +300,11 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"ShardDataModule: stage {stage!r} needs {split} shards; pass {split}="
                 )
+        if (
+            self.trainer is not None
+            and self.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+        ):
+            cap_cpu_threads(self.num_workers)
 
     def train_dataloader(self) -> ShardLoader:
         return self._loader("train")
@@ -449,6 +456,35 @@ class ShardDataModule(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_world_size()
         return max(1, pytorch_worker_info()[1])
+
+
+def cap_cpu_threads(num_workers: int) -> int:
+    """Leave one core to each DataLoader worker when training on CPU; returns torch's threads.
+
+    Why: workers compute log-mel while the step runs, and torch's OpenMP threads on the same
+    cores then oversubscribe them (a step several times slower). ``OMP_NUM_THREADS`` or
+    ``MMALIGN_KEEP_THREADS=1`` keeps the user's setting.
+    """
+    threads = torch.get_num_threads()
+    if (
+        num_workers <= 0
+        or os.environ.get("OMP_NUM_THREADS")
+        or os.environ.get("MMALIGN_KEEP_THREADS")
+    ):
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    want = max(1, cores - num_workers)
+    if threads > want:
+        torch.set_num_threads(want)
+        rank_zero_info(
+            f"torch threads {threads} -> {want}: {cores} cores, {num_workers} DataLoader "
+            "worker(s) computing features (set OMP_NUM_THREADS to choose)"
+        )
+        return want
+    return threads
 
 
 def _gather(value: Any) -> list[Any]:
