@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2))
     result = {
+        "command": " ".join(["python bench/adapters.py", *sys.argv[1:]]),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
         "total_seconds": time.perf_counter() - started,
