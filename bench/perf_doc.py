@@ -95,6 +95,14 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str], str]] = [
         "`bench/train_throughput.py` says exactly what each arm does.",
     ),
     (
+        "train_throughput_small",
+        "Training throughput with a Whisper-small encoder",
+        _bench_table("train_throughput"),
+        "The same comparison with a heavier frozen encoder (Whisper-small, random weights) "
+        "beside the same LLM: the encoder's share of the step grows, and with it what a 30 s "
+        "window and in-step log-mel cost.",
+    ),
+    (
         "gpu_train",
         "GPU: real-size training and transcription",
         _bench_table("gpu_train"),
