@@ -205,34 +205,12 @@ def waveform(seconds: float, gen: torch.Generator) -> torch.Tensor:
 def tokenizer_dir() -> str:
     """A byte-level BPE with a ChatML template, trained on the word list (token ids only
     matter for cost; whole words become single tokens, as in the real 128-152k vocabularies)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from mmalign.llm.tokenizer import train_chatml_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2048,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     text = " ".join(words())
-    tok.train_from_iterator([text, "Transcribe the speech: user assistant system"] * 20, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    out = Path(tempfile.mkdtemp(prefix="gpu_bench_tok_"))
-    fast.save_pretrained(out)
-    return str(out)
+    texts = [text, "Transcribe the speech: user assistant system"] * 20
+    out = tempfile.mkdtemp(prefix="gpu_bench_tok_")
+    return str(train_chatml_tokenizer(texts, out, vocab_size=2048))
 
 
 def build(encoder_name: str, llm_name: str, args: argparse.Namespace, tok: str) -> Any:

@@ -207,37 +207,13 @@ def corpus_summary(raws: list[dict[str, Any]]) -> dict[str, Any]:
 def tokenizer_dir(texts: list[str]) -> str:
     """A byte-level BPE with a ChatML template (as SmolLM2-Instruct's), trained on the corpus,
     for the random-initialised LLM: whole words become single tokens, as in a 49k vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from mmalign.llm.prompt import DEFAULT_PROMPTS
+    from mmalign.llm.tokenizer import train_chatml_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     prompts = [p.format(modality="", target_lang="German") for p in DEFAULT_PROMPTS.values()]
-    tok.train_from_iterator([*texts, *(prompts * 20), "user assistant system"] * 4, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    out = Path(tempfile.mkdtemp(prefix="bench_train_tok_"))
-    fast.save_pretrained(out)
-    return str(out)
+    texts = [*texts, *(prompts * 20), "user assistant system"] * 4
+    out = tempfile.mkdtemp(prefix="bench_train_tok_")
+    return str(train_chatml_tokenizer(texts, out, vocab_size=4096))
 
 
 def build_model(args: argparse.Namespace, pad_to_30s: bool) -> Any:
