@@ -42,8 +42,7 @@ Reported for every encoder x LLM pair:
   (``min_new_tokens = max_new_tokens``): what a trained model reading the references would take.
 
 Runs with only what the lent GPU machines have (torch, transformers, peft, tokenizers, numpy):
-the mmalign modules imported here pull in neither webdataset, soundfile, jiwer nor open_clip
-(``mmalign.data.batching`` does import webdataset, so its batch cutting is repeated below), and
+the mmalign modules imported here pull in neither webdataset, soundfile, jiwer nor open_clip, and
 the repository root is put on ``sys.path``, so ``python bench/gpu_train.py`` works from a plain
 checkout without installing mmalign.
 """
@@ -144,28 +143,11 @@ def utterances(n: int, rng: random.Random, max_seconds: float) -> list[dict[str,
     return out
 
 
-def pack_sorted(items: list[dict[str, Any]], seconds: float, size: int | None) -> list[list[Any]]:
-    """``mmalign.data.batching.pack_sorted`` (which imports webdataset, absent on the GPU
-    image): cut sorted items where longest x count would pass ``seconds`` or count ``size``."""
-    batches: list[list[Any]] = []
-    current: list[Any] = []
-    longest = 0.0
-    for item in items:
-        d = float(item["duration"])
-        full = size is not None and len(current) >= size
-        if current and (full or max(longest, d) * (len(current) + 1) > seconds):
-            batches.append(current)
-            current, longest = [], 0.0
-        current.append(item)
-        longest = max(longest, d)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def training_batches(args: argparse.Namespace, n: int, seed: int) -> list[dict[str, Any]]:
     """``n`` batches as mmalign's data module makes them (buffers of 200 sorted by duration, cut
     at ``--batch-seconds``, batch order shuffled), with random log-mel in pinned memory."""
+    from mmalign.data.batching import pack_sorted
+
     rng = random.Random(seed)
     batches: list[list[dict[str, Any]]] = []
     while len(batches) < n:
@@ -326,6 +308,7 @@ def peak_flops(name: str, override: float | None) -> float | None:
 
 
 def run_pair(encoder_name: str, llm_name: str, args: argparse.Namespace, tok: str) -> dict:
+    from mmalign.data.batching import pack_sorted
     from mmalign.data.collate import collate
     from mmalign.data.features import WhisperFeatures
 

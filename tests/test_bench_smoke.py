@@ -85,15 +85,6 @@ def test_gpu_train_flops_formula():
     assert g.step_flops(p, shape, padded=True) > g.step_flops(p, shape, padded=False)
 
 
-def test_pack_sorted_copy_matches_mmalign():
-    from mmalign.data.batching import pack_sorted
-
-    g = load_bench("gpu_train")
-    items = [{"duration": d} for d in sorted([1.0, 2.0, 2.5, 4.0, 7.0, 7.5, 14.0])]
-    for seconds, size in ((10.0, None), (15.0, 2), (100.0, 3)):
-        assert g.pack_sorted(items, seconds, size) == pack_sorted(items, seconds, size)
-
-
 def test_train_throughput_baseline_batching_features_and_memory():
     from mmalign.data.features import WhisperFeatures
 

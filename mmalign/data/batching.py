@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import webdataset as wds
-
 Sample = dict[str, Any]
 
 
@@ -122,10 +120,11 @@ def padding_efficiency(
     return {k: valid[k] / total[k] if total[k] > 0 else 1.0 for k in valid}
 
 
-class DurationBatcher(wds.PipelineStage):
+class DurationBatcher:
     """Streaming bucketing batcher: iterator of samples in, iterator of sample lists out.
 
-    Use it as a stage of a ``wds.DataPipeline`` (or call it on any iterator). ``shuffle`` permutes
+    Use it as a stage of a ``wds.DataPipeline`` (a callable stage: this module imports no
+    webdataset, so the GPU benchmark can use it) or call it on any iterator. ``shuffle`` permutes
     the batches of each buffer with a generator seeded by ``seed``, the epoch and the number of
     runs so far, plus whatever ``seed_parts`` returns (the data pipeline passes rank and worker),
     so every epoch differs and a rerun repeats exactly.
