@@ -2,6 +2,8 @@
 
     python bench/adapters.py                       # 6 adapters, 100 steps, 60 test utterances
     python bench/adapters.py --steps 60 --only lora lora_one
+    python bench/adapters.py --only lora_one --json bench/results/adapters_lora_one_gamma64.json \
+        --set model.llm.init_args.adapter.init_args.lora_one_config.gamma=64
 
 Real Whisper tiny.en (frozen) -> stack x4 + MLP projector -> SmolLM2-135M-Instruct (frozen), the
 adapter from ``configs/adapters/<name>.yaml`` (the demo model with that adapter), trained on the
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,8 +51,12 @@ class LossLog(L.Callback):
 def run_one(name: str, args, test_dir: Path) -> dict[str, Any]:
     from mmalign.cli import cli_main
 
-    out = WORK / name
+    label = " ".join([name, *args.set])
+    out = WORK / "_".join([name, *args.set]).replace("/", "-")
     config = ROOT / "configs" / "adapters" / f"{name}.yaml"
+    overrides = [
+        part for kv in args.set for part in ("--" + kv.split("=", 1)[0], kv.split("=", 1)[1])
+    ]
     cli = cli_main(
         [
             "--config",
@@ -64,6 +71,7 @@ def run_one(name: str, args, test_dir: Path) -> dict[str, Any]:
             str(out),
             "--model.log_examples",
             "0",
+            *overrides,
         ],
         run=False,
     )
@@ -94,7 +102,7 @@ def run_one(name: str, args, test_dir: Path) -> dict[str, Any]:
     metrics = json.loads((out / "test_metrics.json").read_text())
     k = max(1, args.steps // 5)
     row = {
-        "adapter": name,
+        "adapter": label,
         "config": str(config.relative_to(ROOT)),
         "steps": trainer.global_step,
         "trainable_parameters": module.num_trainable_parameters(),
@@ -110,7 +118,7 @@ def run_one(name: str, args, test_dir: Path) -> dict[str, Any]:
         "losses": losses.losses,
     }
     print(
-        f"{name}: WER {row['wer']:.2%}, {row['step_seconds_median']:.2f} s/step, "
+        f"{label}: WER {row['wer']:.2%}, {row['step_seconds_median']:.2f} s/step, "
         f"init {row['init_seconds']:.0f} s, loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}",
         flush=True,
     )
@@ -129,8 +137,9 @@ def table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        name = re.sub(r"[\w.]+\.(\w+=)", r"\1", r["adapter"])  # a --set key's last part
         lines.append(
-            f"| {r['adapter']} | {r['wer']:.2%} | {r['loss_first']:.3f} | {r['loss_last']:.3f} | "
+            f"| {name} | {r['wer']:.2%} | {r['loss_first']:.3f} | {r['loss_last']:.3f} | "
             f"{r['trainable_parameters']:,} | {r['step_seconds_median']:.2f} | "
             f"{r['init_seconds']:.0f} |"
         )
@@ -147,7 +156,18 @@ def main() -> None:
     parser.add_argument("--test-manifest", type=Path, default=ROOT / "runs/demo/corpus/test.jsonl")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/adapters.json")
     parser.add_argument("--print", type=Path, help="only re-print the table of a results JSON")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every adapter run, e.g. "
+        "model.llm.init_args.adapter.init_args.lora_one_config.gamma=64 (repeatable)",
+    )
     args = parser.parse_args()
+    for kv in args.set:
+        if "=" not in kv:
+            parser.error(f"--set {kv!r}: expected KEY=VALUE")
     if args.print:
         print(table(json.loads(args.print.read_text())))
         return

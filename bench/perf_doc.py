@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,7 +40,14 @@ def _bench_table(script: str) -> Callable[[dict[str, Any]], str]:
         spec = importlib.util.spec_from_file_location(f"_bench_{script}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        added = str(path.parent) not in sys.path  # benches import each other (as scripts do)
+        if added:
+            sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            if added:
+                sys.path.remove(str(path.parent))
         return module.table(result)
 
     return render
@@ -134,6 +142,13 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str], str]] = [
         _bench_table("adapters"),
         "Same data, seed and steps for each peft tuner.",
     ),
+    (
+        "adapters_lora_one_gamma*",
+        "LoRA-One's gamma",
+        _bench_table("adapters"),
+        "LoRA-One alone, one run per `lora_one_config.gamma` (its initial step's spectral norm is "
+        "`scaling / gamma`), otherwise as the adapters benchmark above.",
+    ),
 ]
 
 
@@ -186,8 +201,14 @@ def render(results: Path = RESULTS) -> str:
         "average); ratios measured in one run are the figures to compare.",
     ]
     for name, title, renderer, about in SECTIONS:
-        path = results / f"{name}.json"
         parts += ["", f"## {title}", "", about, ""]
+        paths = sorted(results.glob(f"{name}.json"), key=_natural) if "*" in name else []
+        if paths:  # one block per matching result file
+            for path in paths:
+                parts += [*_block(path, renderer), ""]
+            parts.pop()
+            continue
+        path = results / f"{name}.json"
         if not path.is_file():
             if name == "gpu_train":
                 parts.append(
@@ -197,17 +218,27 @@ def render(results: Path = RESULTS) -> str:
             else:
                 parts.append(f"Not run yet: no `bench/results/{name}.json`.")
             continue
-        result = json.loads(path.read_text())
-        command = result.get("command")
-        parts += [
-            f"- date: {recorded_date(result, path)}",
-            f"- device: {device(result)}",
-            "- command: " + (f"`{command}`" if command else "not recorded in the JSON"),
-            f"- results: `bench/results/{name}.json`",
-            "",
-            renderer(result),
-        ]
+        parts += _block(path, renderer)
     return "\n".join(parts) + "\n"
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key that puts gamma16 before gamma128."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def _block(path: Path, renderer: Callable[[dict[str, Any]], str]) -> list[str]:
+    """Date, device, command and table of one result file."""
+    result = json.loads(path.read_text())
+    command = result.get("command")
+    return [
+        f"- date: {recorded_date(result, path)}",
+        f"- device: {device(result)}",
+        "- command: " + (f"`{command}`" if command else "not recorded in the JSON"),
+        f"- results: `bench/results/{path.name}`",
+        "",
+        renderer(result),
+    ]
 
 
 def main() -> None:

@@ -142,3 +142,32 @@ def test_perf_doc_renders_every_section(tmp_path):
     assert "has not been run" not in text
     assert "- date: 2026-01-01" in text and "NVIDIA H100 80GB HBM3" in text
     assert "`python bench/gpu_train.py`" in text and "| 30.0% |" in text
+
+
+def test_perf_doc_renders_a_sweep_in_numeric_order(tmp_path):
+    doc = load_bench("perf_doc")
+    key = "model.llm.init_args.adapter.init_args.lora_one_config.gamma"
+    for gamma, wer in ((16, 0.2), (128, 0.05), (64, 0.03)):
+        row = {
+            "adapter": f"lora_one {key}={gamma}",
+            "wer": wer,
+            "loss_first": 4.0,
+            "loss_last": 0.1,
+            "trainable_parameters": 10,
+            "step_seconds_median": 1.0,
+            "init_seconds": 2.0,
+        }
+        result = {
+            "command": f"python bench/adapters.py --set gamma={gamma}",
+            "date": "2026-01-01",
+            "settings": {"steps": 100, "test_utts": 60},
+            "rows": [row],
+            "total_seconds": 1.0,
+            "environment": {"device": "cpu", "cpus": 2},
+        }
+        (tmp_path / f"adapters_lora_one_gamma{gamma}.json").write_text(json.dumps(result))
+    text = doc.render(tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| lora_one gamma=")]
+    assert rows[0].startswith("| lora_one gamma=16 | 20.00%")
+    assert [r.split()[2] for r in rows] == ["gamma=16", "gamma=64", "gamma=128"]
+    assert "`bench/results/adapters_lora_one_gamma128.json`" in text
