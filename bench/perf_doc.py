@@ -202,7 +202,15 @@ def render(results: Path = RESULTS) -> str:
     ]
     for name, title, renderer, about in SECTIONS:
         parts += ["", f"## {title}", "", about, ""]
-        paths = sorted(results.glob(f"{name}.json"), key=_natural) if "*" in name else []
+        paths = (
+            []
+            if "*" not in name
+            else [
+                p
+                for p in sorted(results.glob(f"{name}.json"), key=_natural)
+                if not p.name.endswith(".partial.json")  # a cut run's rows so far
+            ]
+        )
         if paths:  # one block per matching result file
             for path in paths:
                 parts += [*_block(path, renderer), ""]

@@ -166,6 +166,7 @@ def test_perf_doc_renders_a_sweep_in_numeric_order(tmp_path):
             "environment": {"device": "cpu", "cpus": 2},
         }
         (tmp_path / f"adapters_lora_one_gamma{gamma}.json").write_text(json.dumps(result))
+    (tmp_path / "adapters_lora_one_gamma16.partial.json").write_text("{}")  # not a result
     text = doc.render(tmp_path)
     rows = [line for line in text.splitlines() if line.startswith("| lora_one gamma=")]
     assert rows[0].startswith("| lora_one gamma=16 | 20.00%")
