@@ -162,7 +162,13 @@ def test_lora_one_on_the_llm_matches_a_dense_backward(tokenizer_dir):
     """Through the real model forward: each target's factors span the top-r singular
     subspaces of the dense gradient of the training loss; the frozen weights are untouched."""
     r, gamma = 4, 16.0
-    adapter = tuners.LoraConfig(r=r, lora_alpha=8, target_modules=QV, init_lora_weights="lora_one")
+    adapter = tuners.LoraConfig(
+        r=r,
+        lora_alpha=8,
+        target_modules=QV,
+        init_lora_weights="lora_one",
+        lora_one_config={"gamma": gamma},
+    )
     model = _speech_llm(adapter, tokenizer_dir)
     batches = [tiny_batch()]
     layers = tuners.lora_layers(model.llm.model)
