@@ -54,9 +54,10 @@ def run_one(name: str, args, test_dir: Path) -> dict[str, Any]:
     label = " ".join([name, *args.set])
     out = WORK / "_".join([name, *args.set]).replace("/", "-")
     config = ROOT / "configs" / "adapters" / f"{name}.yaml"
-    overrides = [
-        part for kv in args.set for part in ("--" + kv.split("=", 1)[0], kv.split("=", 1)[1])
-    ]
+    overrides = []
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        overrides += ["--" + key, value]
     cli = cli_main(
         [
             "--config",

@@ -202,22 +202,13 @@ def render(results: Path = RESULTS) -> str:
     ]
     for name, title, renderer, about in SECTIONS:
         parts += ["", f"## {title}", "", about, ""]
-        paths = (
-            []
-            if "*" not in name
-            else [
-                p
-                for p in sorted(results.glob(f"{name}.json"), key=_natural)
-                if not p.name.endswith(".partial.json")  # a cut run's rows so far
-            ]
-        )
-        if paths:  # one block per matching result file
-            for path in paths:
-                parts += [*_block(path, renderer), ""]
-            parts.pop()
-            continue
-        path = results / f"{name}.json"
-        if not path.is_file():
+        # a name with "*" is a sweep: one block per matching result file
+        paths = [
+            p
+            for p in sorted(results.glob(f"{name}.json"), key=_natural)
+            if not p.name.endswith(".partial.json")  # a cut run's rows so far
+        ]
+        if not paths:
             if name == "gpu_train":
                 parts.append(
                     "**The GPU benchmark has not been run**: no `bench/results/gpu_train.json` "
@@ -226,7 +217,9 @@ def render(results: Path = RESULTS) -> str:
             else:
                 parts.append(f"Not run yet: no `bench/results/{name}.json`.")
             continue
-        parts += _block(path, renderer)
+        for path in paths:
+            parts += [*_block(path, renderer), ""]
+        parts.pop()
     return "\n".join(parts) + "\n"
 
 

@@ -9,10 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from mmalign.llm.tokenizer import CHATML
+
 CORPUS = [
     "zero one two three four five six seven eight nine oh",
     "the quick brown fox jumps over the lazy dog",

@@ -48,6 +48,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from webdataset.utils import pytorch_worker_info
 
@@ -300,10 +301,7 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"ShardDataModule: stage {stage!r} needs {split} shards; pass {split}="
                 )
-        if (
-            self.trainer is not None
-            and self.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
-        ):
+        if self.trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator):
             cap_cpu_threads(self.num_workers)
 
     def train_dataloader(self) -> ShardLoader:
