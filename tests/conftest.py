@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from mmalign.llm.tokenizer import CHATML
+from mmalign.quiet import silence
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every test, module-scoped fixtures included, sees what a user of the CLI sees: the same
+    warning filters (pytest resets them per test) and no pytest arguments in sys.argv (tests call
+    LightningCLI with args=..., which warns when sys.argv holds other arguments)."""
+    silence()
+    sys.argv[1:] = []
+
 
 CORPUS = [
     "zero one two three four five six seven eight nine oh",

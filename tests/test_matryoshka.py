@@ -81,6 +81,7 @@ def test_rate_changes_llm_input_length_exactly(tokenizer_dir):
     assert (overhead > 2).all()
 
 
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")  # a step without a Trainer
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_gradients_reach_only_active_adapters(tokenizer_dir, strategy):
     m = module(tokenizer_dir, strategy, rate_sampling="sample", rate_weights=[0, 1, 0])
@@ -112,6 +113,7 @@ def test_sample_mode_is_seeded_and_weighted(tokenizer_dir):
         module(tokenizer_dir, "bogus")
 
 
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")  # a step without a Trainer
 def test_encoder_runs_once_per_step_in_all_mode(tokenizer_dir, monkeypatch):
     m = module(tokenizer_dir, "shared+per_rate", rate_sampling="all", max_new_tokens=2)
     calls = []

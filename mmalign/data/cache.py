@@ -390,7 +390,7 @@ def encoder_from_fit_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--encoder", type=Encoder)
     parsed = parser.parse_object({"encoder": model["encoder"]})
-    encoder = parser.instantiate_classes(parsed).encoder
+    encoder = parser.instantiate(parsed).encoder
     return encoder, data
 
 

@@ -435,7 +435,7 @@ def evaluate(
             use_rate(speech_llm, original_rate)
 
     metrics = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": {**model_info, "description": _describe(speech_llm)},
         "data": {
             "spec": data_spec,

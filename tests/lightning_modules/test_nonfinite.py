@@ -55,6 +55,7 @@ class _Poison(L.Callback):
         )
 
 
+@pytest.mark.filterwarnings("ignore:Total length of .* across ranks is zero")  # no val data
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tokenizer_dir, tone_shards) -> None:
     cli = _cli(tmp_path, tokenizer_dir, tone_shards, max_steps=5, patience=3)
     poison = _Poison(cli.model, {1, 2})  # the 2nd and 3rd steps
@@ -68,6 +69,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tokenizer_dir, tone_s
     assert all(torch.isfinite(p).all() for p in w[-1].values())
 
 
+@pytest.mark.filterwarnings("ignore:Total length of .* across ranks is zero")  # no val data
 def test_too_many_nonfinite_steps_in_a_row_stop(tmp_path, tokenizer_dir, tone_shards) -> None:
     cli = _cli(tmp_path, tokenizer_dir, tone_shards, max_steps=6, patience=2)
     cli.trainer.callbacks.append(_Poison(cli.model, {1, 2, 3}))

@@ -24,6 +24,12 @@ from mmalign.llm.load import CausalLM
 QV = ["q_proj", "v_proj"]
 MMALIGN_LORA = "mmalign.llm.tuners.LoraConfig"
 
+# EVA and CorDA are built with peft's default settings here on purpose; peft says so each time
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:lora with eva initialization used with low_cpu_mem_usage"),
+    pytest.mark.filterwarnings("ignore:`init_lora_weights` is 'corda' but `corda_config`"),
+]
+
 
 def lora(class_path: str = "peft.LoraConfig", **kwargs) -> dict:
     return {
