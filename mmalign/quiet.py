@@ -46,7 +46,7 @@ WARNINGS: list[tuple[type[Warning], str, str, str]] = [
     ),
     (
         Warning,
-        r"(?s).*(skip_none parameter|add_instantiator|instantiate_classes).*deprecated",
+        r"(?s).*(skip_none parameter|add_instantiator|instantiate_classes|only one Jsonargparse)",
         r"lightning\.",
         "Lightning 2.6's CLI calls jsonargparse APIs that stay until jsonargparse 5 (pinned <5)",
     ),

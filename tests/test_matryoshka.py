@@ -13,6 +13,7 @@ from mmalign.llm.lora import STRATEGIES, adapter_names
 from mmalign.model import SpeechLLM
 from mmalign.projectors.compress import compressed_lengths
 from mmalign.projectors.matryoshka import MatryoshkaProjector
+from mmalign.projectors.mlp import MLPProjector
 
 RATES = [2, 4, 8]
 
@@ -124,6 +125,17 @@ def test_encoder_runs_once_per_step_in_all_mode(tokenizer_dir, monkeypatch):
     m.validation_step(batch(), 0)  # loss and decoding at every rate, one encoder pass
     assert len(calls) == 2
     assert sorted({o["rate"] for o in m._outputs}) == RATES and len(m._outputs) == 3 * len(RATES)
+
+
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")  # a step without a Trainer
+def test_single_rate_validation_encodes_once(tokenizer_dir, monkeypatch):
+    encoder, llm = parts(tokenizer_dir)
+    m = AlignmentModule(encoder, functools.partial(MLPProjector, rate=2), llm, max_new_tokens=2)
+    calls = []
+    forward = m.model.encoder.forward
+    monkeypatch.setattr(m.model.encoder, "forward", lambda *a: calls.append(1) or forward(*a))
+    m.validation_step(batch(), 0)  # the loss and the decoding share one encoder pass
+    assert len(calls) == 1 and len(m._outputs) == 3
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

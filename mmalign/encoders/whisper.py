@@ -2,8 +2,10 @@
 
 Whisper is trained on 30 s windows, and transformers' encoder refuses anything else. Utterances in
 ASR corpora are mostly a few seconds long, so by default this encoder runs on a window as long as
-the batch's longest input (positions sliced to fit); ``pad_to_30s=True`` gives the original
-behaviour, each utterance padded to 30 s with silence, for when faithfulness matters more than time.
+the batch's longest input (positions sliced to fit), and each clip is encoded exactly as it would be
+alone on its own window: its convolutions see zeros past its end (as their own padding would give)
+and attention never reaches the frames past it. ``pad_to_30s=True`` gives the original behaviour,
+each utterance padded to 30 s with silence, for when faithfulness matters more than time.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 from transformers import WhisperConfig, WhisperModel
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from mmalign import assets
 from mmalign.dtypes import torch_dtype
-from mmalign.encoders.base import Encoder
+from mmalign.encoders.base import Encoder, valid_mask
 from mmalign.encoders.ctranslate2 import is_ct2_whisper_dir, load_ct2_whisper
 
 __all__ = ["WhisperEncoder", "load_hf_whisper_encoder", "whisper_silence"]
@@ -72,9 +75,10 @@ class WhisperEncoder(Encoder):
     ``source`` is a hub id or local transformers directory, a CTranslate2 (faster-whisper)
     directory, ``"pinned:whisper-tiny.en"`` (real weights from a pinned pip package, hash checked),
     or ``"random"`` with ``config`` (WhisperConfig kwargs) for tests. Loading uses transformers'
-    own Whisper classes, so no code from a model repo ever runs. Frames at or past each
-    sample's length are replaced by Whisper's silence value, so the output does not depend on how
-    the collate padded. ``dtype`` is the encoder's compute dtype; outputs come back in the input's.
+    own Whisper classes, so no code from a model repo ever runs. A clip's output does not depend
+    on its batch mates or on how the collate padded: on the variable window it is computed as if the
+    clip were alone, and with ``pad_to_30s`` its padding is Whisper's own silence value.
+    ``dtype`` is the encoder's compute dtype; outputs come back in the input's.
     """
 
     def __init__(
@@ -120,13 +124,12 @@ class WhisperEncoder(Encoder):
         if bool((lengths > frames).any()):
             raise ValueError(f"lengths {lengths.tolist()} exceed the input's {frames} frames")
         out_lengths = (lengths + 1) // 2
-        window = self.max_frames if self.pad_to_30s else frames
         with self.no_grad_if_frozen():
-            x = self._pad_with_silence(inputs, lengths, window).to(self.model.dtype)
             if self.pad_to_30s:
+                x = self._pad_with_silence(inputs, lengths, self.max_frames).to(self.model.dtype)
                 hidden = self.model(input_features=x).last_hidden_state[:, : (frames + 1) // 2]
             else:
-                hidden = self._encode_window(x)
+                hidden = self._encode_window(inputs.to(self.model.dtype), lengths, out_lengths)
         out_dtype = inputs.dtype if inputs.is_floating_point() else hidden.dtype
         return hidden.to(out_dtype), out_lengths
 
@@ -137,19 +140,29 @@ class WhisperEncoder(Encoder):
         valid = torch.arange(frames, device=x.device) < lengths[:, None]
         return torch.where(valid[:, None, :], x, silence[:, None, None].to(x.dtype))
 
-    def _encode_window(self, x: Tensor) -> Tensor:
+    def _encode_window(self, x: Tensor, lengths: Tensor, out_lengths: Tensor) -> Tensor:
+        """Each clip as if alone on a window of its own length, whatever its batch mates.
+
+        transformers' WhisperEncoder.forward step by step (it insists on 3000 frames and takes no
+        padding mask): conv1 and conv2 zero-pad their inputs, so zeroing each clip's frames past its
+        end (mel input, then conv1's output) gives its last frames exactly what they would see
+        alone; the layers are then driven through their public ``attention_mask`` argument, built by
+        transformers for the model's attention implementation. Positions are sliced, not edited
+        into the config, so batches of any length (and threads, torch.compile) are safe.
+        """
         enc = self.model
-        # transformers' WhisperEncoder.forward step by step, but adding only the first positions
-        # instead of editing config.max_source_positions/embed_positions: no state changes, so
-        # batches of any length (and threads, torch.compile) are safe.
-        hidden = F.gelu(enc.conv1(x))
+        hidden = F.gelu(enc.conv1(x * valid_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)))
+        hidden = hidden * valid_mask(lengths, hidden.shape[-1])[:, None, :].to(hidden.dtype)
         hidden = F.gelu(enc.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + enc.embed_positions.weight[: hidden.shape[1]]
         hidden = F.dropout(hidden, p=enc.dropout, training=enc.training)
+        # an empty clip keeps one key, so its (discarded) rows stay finite
+        keys = valid_mask(out_lengths.clamp(min=1), hidden.shape[1])
+        mask = create_bidirectional_mask(enc.config, hidden, keys)
         for layer in enc.layers:
             if enc.training and enc.layerdrop > 0 and torch.rand([]) < enc.layerdrop:
                 continue
-            hidden = layer(hidden, None)
+            hidden = layer(hidden, attention_mask=mask)
         return enc.layer_norm(hidden)
 
     def init_config(self) -> dict[str, Any]:

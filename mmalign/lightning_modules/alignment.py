@@ -196,7 +196,8 @@ class AlignmentModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
-        self._loss_finite = True
+        self._loss_finite: bool | torch.Tensor = True
+        self._skipped_update = False
         self.strict_loading = False  # frozen weights are absent on purpose; checked below
         if init_adapter not in ("continue", "fresh"):
             raise ValueError(f"model.init_adapter={init_adapter!r}: use 'continue' or 'fresh'")
@@ -427,7 +428,7 @@ class AlignmentModule(L.LightningModule):
                     self.log(f"train/loss_r{r}", v, batch_size=bs)
         if pad:
             return loss * 0.0
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        self._loss_finite = torch.isfinite(loss.detach()).all()  # read in optimizer_step: no sync
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self._log_skipped(batch)
         return loss
@@ -435,23 +436,30 @@ class AlignmentModule(L.LightningModule):
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
-        """Skip the update when the loss or any gradient is not finite (all ranks agree)."""
+        """Skip the update when the loss or any gradient is not finite (all ranks agree).
+
+        One fused norm over all gradients tells, so the check costs one device sync, not one per
+        trainable tensor. A skipped step does not step the LR scheduler either (see
+        :meth:`lr_scheduler_step`), so the schedule stays in step with the optimizer.
+        """
+        self._skipped_update = False
         if str(self.trainer.precision).startswith("16"):  # AMP's scaler skips such steps
             optimizer.step(closure=optimizer_closure)
             return
         if optimizer_closure is not None:
             optimizer_closure()
-        finite = self._loss_finite and all(
-            bool(torch.isfinite(p.grad).all())
-            for p in self.parameters()
-            if p.requires_grad and p.grad is not None
-        )
-        finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        finite = torch.as_tensor(self._loss_finite)
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+            finite = finite.to(norm.device) & torch.isfinite(norm)
+        finite = bool(self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True))
         self._loss_finite = True
         if finite:
             self._nonfinite_in_a_row = 0
             optimizer.step()
             return
+        self._skipped_update = True
         optimizer.zero_grad(set_to_none=True)
         self._nonfinite_in_a_row += 1
         self._nonfinite_total += 1
@@ -468,6 +476,15 @@ class AlignmentModule(L.LightningModule):
                 f"(model.max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning "
                 "rate, check the data, or use bf16/fp32"
             )
+
+    def lr_scheduler_step(self, scheduler: LRScheduler, metric: Any = None) -> None:
+        """Lightning steps schedulers after every optimizer step; not after a skipped one."""
+        if self._skipped_update:
+            return
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     def _sharded(self) -> bool:
         """Parameters sharded across ranks (FSDP, DeepSpeed ZeRO-3): every forward is a
@@ -493,14 +510,14 @@ class AlignmentModule(L.LightningModule):
             return
         bs = len(batch["texts"])
         rates = self.model.rates
+        encoded = self.model.encode(batch)  # once for the loss and the decoding
         if rates is None:
-            loss = self.model(batch)
-            hyps = self._decode(batch)
+            loss = self.model(batch, encoded)
+            hyps = self._decode(batch, encoded=encoded)
             if not pad:
                 self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
                 self._collect(batch, hyps, None)
             return
-        encoded = self.model.encode(batch)
         default = self._default_rate()
         for r, loss in self.model.loss_per_rate(batch, rates, encoded).items():
             if pad:

@@ -16,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -104,6 +105,10 @@ def load_llm(
         )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    # Decoding settings are mmalign's alone (SpeechLLM.generate): transformers merges the model's
+    # generation_config.json into every generate() call, so a hub's repetition_penalty (Qwen2.5
+    # instruct: 1.05-1.1), temperature or top_p would silently change greedy transcripts.
+    model.generation_config = GenerationConfig()
     return model, tok
 
 

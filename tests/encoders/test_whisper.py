@@ -85,6 +85,59 @@ def test_cropped_window_equals_transformers_on_that_window():
     assert encoder.model.embed_positions.weight.shape[0] == 1500
 
 
+def test_full_window_equals_transformers_whisper():
+    """Our step-by-step copy of WhisperEncoder.forward, pinned to transformers' own on 30 s."""
+    encoder = tiny_encoder()
+    x = torch.randn(2, 80, 3000)
+    ours, _ = encoder(x, torch.tensor([3000, 3000]))
+    with torch.no_grad():
+        ref = encoder.model(input_features=x).last_hidden_state
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("length", [237, 238, 1])  # odd, even, a single frame
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_clip_alone_equals_clip_beside_longer_ones(length, attn):
+    """Batch mates and padding change nothing: conv edges and attention see the clip alone."""
+    encoder = tiny_encoder()
+    encoder.model.config._attn_implementation = attn
+    torch.manual_seed(1)
+    clip = torch.randn(1, 80, length)
+    alone, n = encoder(clip, torch.tensor([length]))
+    for extra in (1, 50, 2000):
+        batch = torch.randn(3, 80, length + extra) * 3  # padding is garbage, mates are longer
+        batch[1, :, :length] = clip[0]
+        feats, lengths = encoder(batch, torch.tensor([length + extra, length, length + extra // 2]))
+        assert lengths[1] == n[0]
+        torch.testing.assert_close(feats[1, : int(n[0])], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_pinned_tiny_en_clip_independent_of_batch_mates():
+    """The real tiny.en: a 3.2 s clip alone and beside clips up to 25 s longer, to 1e-4."""
+    from mmalign.data.features import WhisperFeatures
+
+    encoder = WhisperEncoder("pinned:whisper-tiny.en")
+    extract = WhisperFeatures()
+    t = torch.arange(51200) / 16000
+    clip = 0.3 * torch.sin(2 * torch.pi * (200 + 300 * t) * t) * torch.sin(3 * t) ** 2
+    mel, n = extract([clip])
+    alone, out_n = encoder(mel, n)
+    generator = torch.Generator().manual_seed(0)
+    for seconds in (0.5, 8, 25):
+        mate = 0.1 * torch.randn(51200 + int(seconds * 16000), generator=generator)
+        mels, lengths = extract([clip, mate])
+        # the STFT of the clip's last frame reaches into its padding, which is the data's
+        # business: give the encoder the clip's own mel, to test the encoder alone
+        mels[0, :, : mel.shape[-1]] = mel[0]
+        batched, _ = encoder(mels, lengths)
+        valid = int(out_n[0])
+        assert relative_l2(batched[0, :valid], alone[0, :valid]) < 1e-4, seconds
+
+
 def test_pad_to_30s_equals_transformers_on_3000_frames():
     encoder = tiny_encoder(pad_to_30s=True)
     x = torch.randn(2, 80, 120)
@@ -156,15 +209,14 @@ def test_local_transformers_and_ctranslate2_directories(tmp_path):
     model = WhisperModel(WhisperConfig(**TINY)).eval()
     model.save_pretrained(tmp_path / "hf")
     write_ct2_whisper(model, tmp_path / "ct2", dtype=torch.float32)
-    x, lengths = torch.randn(2, 80, 64), torch.tensor([64, 30])
+    x, lengths = torch.randn(2, 80, 64), torch.tensor([64, 64])
     outputs = [WhisperEncoder(str(tmp_path / name))(x, lengths)[0] for name in ("hf", "ct2")]
     with torch.no_grad():
-        filled = WhisperEncoder._pad_with_silence(x, lengths, 64)
         native = reference(WhisperEncoder("random", config=TINY), 32)
         state = dict(model.encoder.state_dict())
         state["embed_positions.weight"] = state["embed_positions.weight"][:32]
         native.load_state_dict(state)
-        ref = native(input_features=filled).last_hidden_state
+        ref = native(input_features=x).last_hidden_state
     for out in outputs:
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 

@@ -107,3 +107,36 @@ def test_export_hash_covers_names_and_contents(tmp_path):
     assert model_sha256(tmp_path) == first
     (tmp_path / "a" / "x.bin").rename(tmp_path / "a" / "z.bin")
     assert model_sha256(tmp_path) != first
+
+
+def test_hub_generation_config_does_not_change_greedy_output(tmp_path, tokenizer_dir):
+    """A generation_config.json's repetition_penalty (as Qwen2.5-Instruct ships) is ignored."""
+    from conftest import tiny_batch, tiny_llm_config, tiny_whisper_config
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from mmalign.encoders.whisper import WhisperEncoder
+    from mmalign.llm.load import CausalLM
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llm_config())).eval()
+    hf.save_pretrained(tmp_path / "plain")
+    hf.generation_config = GenerationConfig(repetition_penalty=1.3)
+    hf.save_pretrained(tmp_path / "hub")
+    ids = torch.tensor([[5, 6, 7]])  # this tiny model falls into a loop: the penalty bites
+    plain = hf.generate(ids, max_new_tokens=64, do_sample=False, repetition_penalty=1.0)
+    hub = AutoModelForCausalLM.from_pretrained(tmp_path / "hub").eval()
+    assert hub.generation_config.repetition_penalty == 1.3
+    assert not torch.equal(hub.generate(ids, max_new_tokens=64, do_sample=False), plain)
+
+    def decode(source: str) -> list[str]:
+        torch.manual_seed(0)
+        encoder = WhisperEncoder("random", config=tiny_whisper_config())
+        llm = CausalLM(source, tokenizer=str(tokenizer_dir))
+        torch.manual_seed(2)
+        model = SpeechLLM(encoder, MLPProjector(encoder.dim, llm.hidden_size, rate=2), llm)
+        torch.manual_seed(1)
+        return model.eval().generate(tiny_batch(), max_new_tokens=64)
+
+    texts = decode(str(tmp_path / "plain"))
+    assert decode(str(tmp_path / "hub")) == texts
+    assert any(len(t.split()) > 2 for t in texts)

@@ -28,6 +28,10 @@ def _cli(tmp: Path, tokenizer_dir: Path, shards: Path, max_steps: int, patience:
         "model": {
             **tiny_model_section(tokenizer_dir),
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
+            "scheduler": {
+                "class_path": "mmalign.lightning_modules.schedules.WarmupCosine",
+                "init_args": {"warmup_steps": 2},
+            },
             "max_nonfinite_steps": patience,
         },
         "data": {"train": str(shards), "max_batch_seconds": 2.0, "max_skip_rate": None},
@@ -37,15 +41,27 @@ def _cli(tmp: Path, tokenizer_dir: Path, shards: Path, max_steps: int, patience:
 
 
 class _Poison(L.Callback):
-    """Makes the loss NaN at chosen steps and records the trainable weights after each."""
+    """Makes the loss (or, with ``grads``, one gradient only) NaN at chosen steps and records
+    the trainable weights after each."""
 
-    def __init__(self, module: L.LightningModule, steps: set[int]) -> None:
+    def __init__(self, module: L.LightningModule, steps: set[int], grads: bool = False) -> None:
         self.steps, self.after = steps, []
         forward = module.model.forward
 
         def poisoned(batch, *a, **kw):
             loss = forward(batch, *a, **kw)
-            return loss * float("nan") if module.global_step in self.steps else loss
+            if module.global_step not in self.steps:
+                return loss
+            if not grads:
+                return loss * float("nan")
+            param = next(p for p in module.parameters() if p.requires_grad)
+
+            def nan_once(grad):  # finite loss, one NaN gradient, this step only
+                handle.remove()
+                return grad * float("nan")
+
+            handle = param.register_hook(nan_once)
+            return loss
 
         module.model.forward = poisoned
 
@@ -56,9 +72,12 @@ class _Poison(L.Callback):
 
 
 @pytest.mark.filterwarnings("ignore:Total length of .* across ranks is zero")  # no val data
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tokenizer_dir, tone_shards) -> None:
+@pytest.mark.parametrize("grads", [False, True], ids=["loss", "gradient"])
+def test_nonfinite_steps_are_skipped_and_counted(
+    tmp_path, tokenizer_dir, tone_shards, grads
+) -> None:
     cli = _cli(tmp_path, tokenizer_dir, tone_shards, max_steps=5, patience=3)
-    poison = _Poison(cli.model, {1, 2})  # the 2nd and 3rd steps
+    poison = _Poison(cli.model, {1, 2}, grads=grads)  # the 2nd and 3rd steps
     cli.trainer.callbacks.append(poison)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 5
@@ -67,6 +86,11 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tokenizer_dir, tone_s
     unchanged = [all(torch.equal(w[i][n], w[i - 1][n]) for n in w[i]) for i in range(1, 5)]
     assert unchanged == [True, True, False, False]  # skipped, skipped, trained, trained
     assert all(torch.isfinite(p).all() for p in w[-1].values())
+    # the LR schedule stays in step with the updates actually made (3 of 5)
+    optimizer = cli.trainer.optimizers[0]
+    updates = {int(s["step"]) for s in optimizer.state.values()}
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert updates == {3} and scheduler.last_epoch == 3
 
 
 @pytest.mark.filterwarnings("ignore:Total length of .* across ranks is zero")  # no val data
