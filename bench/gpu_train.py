@@ -279,23 +279,29 @@ def step_flops(p: dict[str, int], shape: dict[str, Any], padded: bool) -> float:
 
 
 class LLMShapes:
-    """Records the LLM call's padded shape, valid tokens and logit positions (forward hook)."""
+    """Records the LLM's padded shape and valid tokens (decoder body) and the rows its output
+    layer projects (forward hooks): mmalign projects only the labelled positions."""
 
     def __init__(self, llm: torch.nn.Module) -> None:
         self.last: dict[str, Any] = {}
-        self.handle = llm.register_forward_pre_hook(self._hook, with_kwargs=True)
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        self.handles = [
+            base.get_decoder().register_forward_pre_hook(self._body, with_kwargs=True),
+            base.get_output_embeddings().register_forward_hook(self._head),
+        ]
 
-    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    def _body(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             return
-        keep = kwargs.get("logits_to_keep")
-        positions = keep.numel() if isinstance(keep, torch.Tensor) else mask.shape[1]
-        self.last = {
-            "llm": mask.sum(1).tolist(),
-            "llm_row": int(mask.shape[1]),
-            "logit_rows": int(mask.shape[0]) * int(positions),
-        }
+        self.last.update(llm=mask.sum(1).tolist(), llm_row=int(mask.shape[1]))
+
+    def _head(self, module: Any, args: Any, out: torch.Tensor) -> None:
+        self.last["logit_rows"] = out.numel() // out.shape[-1]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 # --------------------------------------------------------------------------- one pair
@@ -356,7 +362,7 @@ def run_pair(encoder_name: str, llm_name: str, args: argparse.Namespace, tok: st
         padded += step_flops(counts, shape, padded=True)
         tokens += shape["llm_row"] * n
         valid_tokens += sum(shape["llm"])
-    shapes.handle.remove()
+    shapes.remove()
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     peak = peak_flops(name, args.peak_tflops)

@@ -572,7 +572,7 @@ def train_arm(arm: str, args: argparse.Namespace, shards: Path | None = None) ->
     else:
         batches = baseline_batches(args, read_raw_samples(corpus), buckets=arm.endswith("buckets"))
     mel = WhisperFeatures()
-    tokens = LLMTokens(model.llm.model)
+    tokens = LLMTokens(model.llm.model.get_base_model().get_decoder())  # the decoder body
     memory = PeakMemory(args.device)
     amp = autocast(args.precision, args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

@@ -7,7 +7,6 @@ the extra subcommands are plain functions whose docstrings are their ``--help``.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     import mmalign.strategies  # noqa: F401  (registers `llm_fsdp` strategy names)
     from mmalign.data.datamodule import ShardDataModule
     from mmalign.lightning_modules.alignment import AlignmentModule
+    from mmalign.lightning_modules.cli import MMAlignCLI
 
-    return _lightning_cli_class()(
+    return MMAlignCLI(
         AlignmentModule,
         ShardDataModule,
         args=args,
@@ -32,39 +32,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
-
-
-@functools.cache
-def _lightning_cli_class() -> type:
-    """LightningCLI with mmalign's checkpoint IO (a function: Lightning is imported lazily)."""
-    from lightning.pytorch.cli import LightningCLI
-
-    from mmalign.checkpoint_io import CheckpointLoadError, checkpoint_plugins, load_checkpoint_file
-
-    class MMAlignCLI(LightningCLI):
-        def instantiate_trainer(self, **kwargs: Any) -> Any:
-            config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            plugins = checkpoint_plugins(config.get("plugins"), config.get("strategy"))
-            if plugins is not None:
-                kwargs["plugins"] = plugins
-            return super().instantiate_trainer(**kwargs)
-
-        def _parse_ckpt_path(self) -> None:
-            # Lightning reads --ckpt_path's hparams here, before any trainer exists; when that
-            # fails, say which file and why as the trainer would
-            try:
-                super()._parse_ckpt_path()
-            except Exception:
-                subcommand = self.config.get("subcommand")
-                ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-                if ckpt_path and Path(ckpt_path).is_file():
-                    try:
-                        load_checkpoint_file(ckpt_path)
-                    except CheckpointLoadError as exn:
-                        raise SystemExit(f"mmalign {subcommand}: {exn}") from exn
-                raise
-
-    return MMAlignCLI
 
 
 def prepare(
@@ -293,7 +260,7 @@ def score(argv: list[str]) -> None:
     import argparse
     import json
 
-    from mmalign.eval.metrics import NORMALIZERS, error_rates
+    from mmalign.eval.metrics import NORMALIZERS, error_rates, example
 
     parser = argparse.ArgumentParser(prog="mmalign score", description=score.__doc__)
     parser.add_argument("files", nargs="+", help="utterances.jsonl files, e.g. from mmalign test")
@@ -312,7 +279,7 @@ def score(argv: list[str]) -> None:
         r = error_rates(refs, hyps, args.normalizer)
         print(f"{name:<50} {len(rows):>6} {r['wer']:>8.2%} {r['cer']:>8.2%}")
     for row in rows[: args.examples]:
-        print(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
+        print(example(row["reference"], row["hypothesis"]))
 
 
 def evaluate(argv: list[str]) -> None:

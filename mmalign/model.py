@@ -29,6 +29,7 @@ from mmalign.llm.prompt import (
     attention_inputs,
     is_flash,
     splice,
+    to_device,
 )
 from mmalign.llm.scaling import DeltaScale, PromptScaler
 from mmalign.projectors.base import Projector
@@ -403,8 +404,11 @@ class SpeechLLM(nn.Module):
             max_packed_tokens=self.max_packed_tokens,
         )
 
-    def forward(self, batch: dict[str, Any], encoded: Encoded | None = None) -> torch.Tensor:
-        """Mean cross-entropy over target tokens and EOS (at the active rate).
+    def forward(
+        self, batch: dict[str, Any], encoded: Encoded | None = None, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Mean cross-entropy over target tokens and EOS (at the active rate); ``reduction="sum"``
+        gives the sum, for training that divides by the optimizer step's token count.
 
         Logits are computed only at positions that predict a target token (``logits_to_keep``
         with an index tensor): the prompt and modality positions never need the vocabulary
@@ -414,24 +418,25 @@ class SpeechLLM(nn.Module):
         ``task_adapters`` each adapter group has its own LLM pass and the group means are
         weighted by their target-token counts: the mean over the whole batch's target tokens.
         """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: 'mean' or 'sum'")
         heads, tails = self._segments(batch)
         targets = [self.prompt.target(t) for t in batch["texts"]]
         spans = self._spans(batch, encoded)
-        groups = self.adapter_groups(batch)
-        losses, counts = [], []
-        for names, idx in groups:
+        total = None
+        for names, idx in self.adapter_groups(batch):
             self._activate(names)
-            losses.append(
-                self._loss(*([xs[i] for i in idx] for xs in (heads, spans, tails, targets)))
-            )
-            counts.append(sum(len(targets[i]) for i in idx))
-        if len(losses) == 1:
-            return losses[0]
-        total = sum(counts)
-        return sum(loss * (n / total) for loss, n in zip(losses, counts, strict=True))
+            part = self._loss(*([xs[i] for i in idx] for xs in (heads, spans, tails, targets)))
+            total = part if total is None else total + part
+        assert total is not None
+        return total if reduction == "sum" else total / sum(len(t) for t in targets)
+
+    def target_tokens(self, batch: dict[str, Any]) -> int:
+        """Number of target tokens (EOS included) the loss of ``batch`` is taken over."""
+        return sum(len(self.prompt.target(t)) for t in batch["texts"])
 
     def _loss(self, heads: list, spans: list, tails: list, targets: list) -> torch.Tensor:
-        """Mean cross-entropy of one LLM pass over these samples (the active adapters)."""
+        """Summed cross-entropy of one LLM pass over these samples (the active adapters)."""
         s = splice(
             self.llm.embed,
             heads,
@@ -442,22 +447,36 @@ class SpeechLLM(nn.Module):
             packing=self.packing_layout(),
             max_packed_tokens=self.max_packed_tokens,
         )
-        predicts = (s.labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        assert s.host_labels is not None and s.labels is not None
+        # the (row, position) pairs that predict a label, found on the host: no device sync
+        rows, cols = (s.host_labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        device = s.inputs_embeds.device
+        labels = to_device(s.host_labels[rows, cols + 1], device)
         masking = {"use_cache": False, **attention_inputs(s, self.attn_implementation)}
+        parts = self.llm.body_and_head()
         self._scale_adapters(heads, tails, s.sequence_ids)
-        try:
-            out = self.llm.model(  # no KV cache: training never reuses it
-                inputs_embeds=s.inputs_embeds, logits_to_keep=predicts, **masking
-            )
+        try:  # no KV cache: training never reuses it
+            if parts is not None:  # the vocabulary projection at exactly those pairs
+                body, head = parts
+                hidden = body(inputs_embeds=s.inputs_embeds, **masking).last_hidden_state
+                logits = head(hidden[to_device(rows, device), to_device(cols, device)])
+            else:  # the positions any row needs (logits_to_keep), then the pairs among them
+                keep = cols.unique()
+                out = self.llm.model(
+                    inputs_embeds=s.inputs_embeds, logits_to_keep=to_device(keep, device), **masking
+                )
+                at = torch.searchsorted(keep, cols)
+                logits = out.logits[to_device(rows, device), to_device(at, device)]
         finally:
             self._unscale_adapters()
-        labels = s.labels[:, predicts + 1]
-        return F.cross_entropy(
-            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
 
     def loss_per_rate(
-        self, batch: dict[str, Any], rates: Sequence[int], encoded: Encoded | None = None
+        self,
+        batch: dict[str, Any],
+        rates: Sequence[int],
+        encoded: Encoded | None = None,
+        reduction: str = "mean",
     ) -> dict[int, torch.Tensor]:
         """Loss at each of ``rates``, running the encoder once (Matryoshka training).
 
@@ -473,7 +492,7 @@ class SpeechLLM(nn.Module):
             losses = {}
             for rate in rates:
                 self.projector.set_rate(rate)
-                losses[int(rate)] = self(batch, encoded)
+                losses[int(rate)] = self(batch, encoded, reduction)
         finally:
             self.set_rate(before)
         return losses
@@ -515,7 +534,7 @@ class SpeechLLM(nn.Module):
                     attention_mask=s.attention_mask,
                     max_new_tokens=max_new_tokens,
                     num_beams=num_beams,
-                    eos_token_id=tok.eos_token_id,
+                    eos_token_id=self.prompt.stop_ids,
                     pad_token_id=tok.pad_token_id,
                     **generate_kwargs,
                 )

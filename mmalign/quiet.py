@@ -66,7 +66,7 @@ WARNINGS: list[tuple[type[Warning], str, str, str]] = [
 
 # Lightning's info-level advertisements for its hosted services ("💡 Tip: ... litlogger/litmodels").
 _LOG_NOISE = ("💡 Tip:",)
-_LOGGER = "lightning.fabric.utilities.rank_zero"
+_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 class _DropTips(logging.Filter):
@@ -81,4 +81,5 @@ def silence() -> None:
     """Install the filters above (idempotent: warnings and logging both de-duplicate them)."""
     for category, message, module, _why in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logging.getLogger(_LOGGER).addFilter(_TIPS)
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(_TIPS)

@@ -283,6 +283,16 @@ def test_cli_refuses_a_pickled_checkpoint_naming_it(fitted):
     assert not marker.exists()
 
 
+def test_cli_refuses_weights_only_false(fitted):
+    from mmalign.cli import cli_main
+
+    tmp, config, _ = fitted
+    last = str(tmp / "ckpt" / "last.ckpt")
+    args = ["validate", "--config", str(config), "--ckpt_path", last, "--weights_only", "false"]
+    with pytest.raises((SystemExit, ValueError), match="weights_only=False.*arbitrary code"):
+        cli_main(args)
+
+
 def test_export_is_safetensors_and_loads_without_pickle(fitted, monkeypatch):
     from mmalign.cli import main
     from mmalign.inference.export import load_exported

@@ -117,15 +117,34 @@ def test_block_causal_mask():
     assert torch.equal(additive == 0, expected)
 
 
+@pytest.fixture
+def spliced(monkeypatch) -> list:
+    """Every LLM input the model builds (so a test can see that packing really happened)."""
+    import mmalign.model
+
+    seen = []
+    real = mmalign.model.splice
+
+    def recording(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(mmalign.model, "splice", recording)
+    return seen
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked(tokenizer_dir, attn):
+def test_packed_loss_equals_unpacked(tokenizer_dir, attn, spliced):
     model = make_model(tokenizer_dir, attn)
     assert model.attn_implementation == attn
     batch = make_batch()
     with torch.no_grad():
         unpacked = model(batch)
+        assert not spliced[-1].packed
         model.packing = True
         packed = model(batch)
+        # the forward itself packed the batch into fewer rows
+        assert spliced[-1].packed and spliced[-1].inputs_embeds.shape[0] < len(TEXTS)
         s = model.splice_batch(batch, train=True, packing="rows")
         plain = model.splice_batch(batch, train=True)
         # the test can fail: the same packed rows under a plain causal mask (attention
@@ -269,12 +288,17 @@ def fit_losses(tmp_path, tokenizer_dir, shards, name, model_args, data_args):
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
-def test_cli_fit_with_packing_trains_like_unpacked(tmp_path, tokenizer_dir, tone_shards):
+def test_cli_fit_with_packing_trains_like_unpacked(tmp_path, tokenizer_dir, tone_shards, spliced):
     """``model.packing`` and ``data.max_batch_tokens`` through the real CLI: the same losses
     as an unpacked run, step after step (the gradients are the same too)."""
     data = {"max_batch_tokens": 400, "llm_tokens_per_second": 12.5, "llm_prompt_tokens": 20}
     plain = fit_losses(tmp_path, tokenizer_dir, tone_shards, "plain", {}, data)
+    assert spliced and not any(s.packed for s in spliced)
+    spliced.clear()
     packing = {"packing": True, "max_packed_tokens": 512}  # a batch in one or two rows
     packed = fit_losses(tmp_path, tokenizer_dir, tone_shards, "packed", packing, data)
     assert len(plain) == len(packed) == 3
     assert packed == pytest.approx(plain, rel=1e-4)
+    # training steps ran packed: several samples shared a row
+    rows = [(s.inputs_embeds.shape[0], len(s.modality_start)) for s in spliced if s.packed]
+    assert len(rows) >= 3 and all(r < n for r, n in rows)

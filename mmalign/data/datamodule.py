@@ -103,6 +103,8 @@ class ShardDataModule(L.LightningDataModule):
         llm_prompt_tokens: Prompt tokens per sample in that estimate.
         chars_per_token: Target characters per LLM token in that estimate.
         num_workers: DataLoader worker processes (0 reads in the main process).
+        worker_context: how workers start (``fork``, ``spawn``, ``forkserver``; default:
+            torch's); each is told its rank and world size by the main process.
         shuffle_buffer: Training samples held for shuffling (compressed audio, so it is cheap).
         bucket_buffer: Samples sorted together for length bucketing.
         sample_rate: Audio rate the encoders expect; other rates are resampled on the fly.
@@ -153,6 +155,7 @@ class ShardDataModule(L.LightningDataModule):
         llm_prompt_tokens: int = 0,
         chars_per_token: float = 4.0,
         num_workers: int = 0,
+        worker_context: str | None = None,
         shuffle_buffer: int = 1000,
         bucket_buffer: int = 200,
         sample_rate: int = 16000,
@@ -215,6 +218,10 @@ class ShardDataModule(L.LightningDataModule):
         except ValueError as exn:
             raise ValueError(f"ShardDataModule: {exn}") from None
         self.num_workers = num_workers
+        if worker_context not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(
+                f"data.worker_context={worker_context!r}: fork, spawn, forkserver or null"
+            )
         self.shuffle_buffer = shuffle_buffer
         self.bucket_buffer = bucket_buffer
         self.sample_rate = sample_rate
@@ -440,6 +447,7 @@ class ShardDataModule(L.LightningDataModule):
             max_skip_rate=None if split == "predict" else self.max_skip_rate,
             min_samples=self.skip_rate_min_samples,
             split=split,
+            worker_context=self.hparams.worker_context,
         )
 
     def _check_split(self, split: str) -> None:

@@ -47,6 +47,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import random
 import re
 import tarfile
@@ -1135,6 +1136,22 @@ def _even_ranks(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield {**last, "pad": True}
 
 
+class _PinRank:
+    """DataLoader ``worker_init_fn``: the main process's rank and world size, for the worker.
+
+    A worker finds its rank through webdataset's ``pytorch_worker_info`` (shard split, seeds,
+    resume), which reads ``RANK``/``WORLD_SIZE`` or torch.distributed. Lightning's launchers do
+    not always set both variables, and spawn/forkserver workers have no process group, so
+    every rank's workers would read the same shards with the same seeds.
+    """
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def __call__(self, worker_id: int) -> None:
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world)
+
+
 def make_loader(
     pipeline: ShardPipeline,
     num_workers: int = 0,
@@ -1142,13 +1159,24 @@ def make_loader(
     max_skip_rate: float | None = None,
     min_samples: int = 200,
     split: str = "data",
+    worker_context: str | None = None,
 ) -> ShardLoader:
-    """A :class:`ShardLoader` over ``pipeline``: batching happens in the pipeline."""
+    """A :class:`ShardLoader` over ``pipeline``: batching happens in the pipeline.
+
+    ``worker_context`` is the workers' start method (``fork``, ``spawn``, ``forkserver``;
+    None: torch's default); whichever it is, workers know this process's rank and world size.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = _rank_world()
+    else:
+        rank, world, _, _ = pytorch_worker_info()
     return ShardLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_PinRank(rank, world) if num_workers > 0 else None,
+        multiprocessing_context=worker_context if num_workers > 0 else None,
         max_skip_rate=max_skip_rate,
         min_samples=min_samples,
         split=split,

@@ -85,3 +85,14 @@ def translation_metrics(references: Sequence[str], hypotheses: Sequence[str]) ->
         "chrf_signature": str(chrf.get_signature()),
         "utterances": len(refs),
     }
+
+
+def example(reference: str, hypothesis: str, width: int = 100) -> str:
+    """A reference/hypothesis pair as two terminal lines: an untrained model's rambling (line
+    breaks, hundreds of words) would otherwise fill the screen."""
+
+    def line(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    return f"  ref: {line(reference)}\n  hyp: {line(hypothesis)}"

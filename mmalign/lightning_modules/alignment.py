@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from mmalign.data.tasks import TRANSLATION_TASKS
 from mmalign.encoders.base import Encoder
-from mmalign.eval.metrics import error_rates, translation_metrics
+from mmalign.eval.metrics import error_rates, example, translation_metrics
 from mmalign.llm.load import CausalLM
 from mmalign.llm.tuners import (
     OFFSET_A,
@@ -198,6 +198,7 @@ class AlignmentModule(L.LightningModule):
         self._nonfinite_total = 0
         self._loss_finite: bool | torch.Tensor = True
         self._skipped_update = False
+        self._step_tokens = 0  # target tokens of the optimizer step so far (this rank)
         self.strict_loading = False  # frozen weights are absent on purpose; checked below
         if init_adapter not in ("continue", "fresh"):
             raise ValueError(f"model.init_adapter={init_adapter!r}: use 'continue' or 'fresh'")
@@ -416,22 +417,58 @@ class AlignmentModule(L.LightningModule):
         pad = bool(batch.get("pad"))
         bs = len(batch["texts"])
         batch = self.drop_modalities(batch, batch_idx)
+        # summed over target tokens; on_before_optimizer_step divides the gradients by the
+        # optimizer step's token count (all micro-batches, all ranks): see _token_weighted
+        reduction = "sum" if self._token_weighted() else "mean"
+        n = self.model.target_tokens(batch)
+        per_token = n if reduction == "sum" else 1
         if self.model.rates is None:
-            loss = self.model(batch)
+            loss = self.model(batch, reduction=reduction)
         else:
-            losses = self.model.loss_per_rate(batch, self.training_rates(batch_idx))
+            losses = self.model.loss_per_rate(
+                batch, self.training_rates(batch_idx), None, reduction
+            )
             weight = dict(zip(self.model.rates, self.rate_weights or [], strict=True))
             total = sum(weight[r] for r in losses)
             loss = sum(weight[r] * v for r, v in losses.items()) / total
             if not pad:
                 for r, v in losses.items():
-                    self.log(f"train/loss_r{r}", v, batch_size=bs)
+                    self.log(f"train/loss_r{r}", v.detach() / per_token, batch_size=bs)
         if pad:
-            return loss * 0.0
+            return loss * 0.0  # no tokens: adds nothing to the step's gradient or its count
+        self._step_tokens += n
         self._loss_finite = torch.isfinite(loss.detach()).all()  # read in optimizer_step: no sync
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss.detach() / per_token, prog_bar=True, batch_size=bs)
         self._log_skipped(batch)
         return loss
+
+    def _token_weighted(self) -> bool:
+        """Whether the step's gradient is the mean over its target tokens (every strategy whose
+        gradients mmalign sees: not DeepSpeed, which accumulates inside its engine)."""
+        trainer = self._trainer
+        return trainer is None or "DeepSpeed" not in type(trainer.strategy).__name__
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Make the gradient the mean over every target token of the optimizer step.
+
+        Each micro-batch's loss is a token sum, which Lightning divides by
+        ``accumulate_grad_batches`` and DDP/FSDP average over ranks; scaling by
+        ``accumulate * world_size / tokens`` (tokens summed over micro-batches and ranks) turns
+        that into the global token mean, so neither how the step was split into micro-batches
+        nor a rank's pad batch changes it.
+        """
+        tokens, self._step_tokens = self._step_tokens, 0
+        if not self._token_weighted():
+            return
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return
+        trainer = self.trainer
+        if trainer.world_size > 1:  # one collective (and one sync) per optimizer step
+            count = torch.tensor(float(tokens), device=grads[0].device)
+            tokens = int(trainer.strategy.reduce(count, reduce_op="sum").item())
+        scale = trainer.accumulate_grad_batches * trainer.world_size / max(tokens, 1)
+        torch._foreach_mul_(grads, scale)
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
@@ -460,6 +497,7 @@ class AlignmentModule(L.LightningModule):
             optimizer.step()
             return
         self._skipped_update = True
+        self._step_tokens = 0
         optimizer.zero_grad(set_to_none=True)
         self._nonfinite_in_a_row += 1
         self._nonfinite_total += 1
@@ -614,7 +652,7 @@ class AlignmentModule(L.LightningModule):
             self.log(f"{prefix}/cer", rates["cer"], rank_zero_only=True)
             if not self.trainer.sanity_checking:
                 for o in transcribed[: self.log_examples]:
-                    self.print(f"  ref: {o['reference']}\n  hyp: {o['hypothesis']}")
+                    self.print(example(o["reference"], o["hypothesis"]))
                 self.print(f"{prefix}/wer = {rates['wer']:.4f} on {len(transcribed)} utterances")
         if prefix == "test" and self.trainer.is_global_zero:
             metrics: dict[str, Any] = {"normalizer": self.normalizer, **(rates or {})}

@@ -69,6 +69,10 @@ def dequantized_gguf(path: Path, trust_remote_code: bool = False) -> str:
     return str(target)
 
 
+# transformers families whose CausalLM forward computes logits as lm_head(hidden) and nothing else
+PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
 def load_llm(
     source: str,
     *,
@@ -226,6 +230,20 @@ class CausalLM(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
+
+    def body_and_head(self) -> tuple[nn.Module, nn.Module] | None:
+        """(decoder body, output projection) when the model's logits are exactly
+        ``head(body(...).last_hidden_state)``, so the loss can project only the positions it
+        needs; None for families that scale or soft-cap logits, and for prompt-learning
+        tuners, whose wrapper adds virtual tokens in its own forward."""
+        model = self.model
+        peft_config = getattr(model, "active_peft_config", None)
+        if peft_config is not None and peft_config.is_prompt_learning:
+            return None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if base.config.model_type not in PLAIN_HEAD_FAMILIES:
+            return None
+        return base.get_decoder(), base.get_output_embeddings()
 
     def init_config(self) -> dict:
         """Constructor arguments (without the adapter, which export saves in peft's format);

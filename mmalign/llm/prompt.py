@@ -1,9 +1,10 @@
 """Prompts and the spliced input sequence.
 
-Per sample: ``[prompt head] [begin] modality embeddings [end] [prompt tail] target EOS``.
+Per sample: ``[prompt head] [begin] modality embeddings [end] [prompt tail] target END``.
 The prompt text comes from the tokenizer's chat template when it has one (the modality sits
-where the placeholder was in the user turn), else from a plain template. Labels are -100
-everywhere but the target tokens and EOS.
+where the placeholder was in the user turn), else from a plain template; END is the token that
+closes an assistant turn in that template (eos without one). Labels are -100 everywhere but the
+target tokens and END.
 """
 
 from __future__ import annotations
@@ -45,7 +46,31 @@ class PromptBuilder:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ValueError("the LLM tokenizer has no eos token; set one before training")
+        self.end_id = self._end_of_turn()
         self._cache: dict[tuple[str, tuple], tuple[list[int], list[int]]] = {}
+
+    def _end_of_turn(self) -> int:
+        """The token that closes an assistant turn in the chat template (``<|im_end|>``,
+        ``<|eot_id|>``, ...), which is what the instruct model learned to emit after an
+        answer; the tokenizer's eos without a template, or when the template closes a turn
+        with plain text."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            return self.eos_id
+        probe = "\u2063mmalign-answer\u2063"
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+            tokenize=False,
+        )
+        after = text.split(probe, 1)[-1] if probe in text else ""
+        ids = tok(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+        special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+        return ids[0] if ids and ids[0] in special else self.eos_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end generation: the end of turn, and eos if it differs."""
+        return sorted({self.end_id, self.eos_id})
 
     def fields(self, task: str) -> list[str]:
         """Names a task's prompt needs from the sample metadata (e.g. ``target_lang``)."""
@@ -73,6 +98,9 @@ class PromptBuilder:
         key = (task, tuple(sorted(fields.items())))
         if key not in self._cache:
             head, tail = self.text(task, **fields).split(PLACEHOLDER)
+            # "...speech: " would end in a lone space token the LLM never saw before content:
+            # in its fine-tuning that space is part of the next word's token
+            head = head.rstrip(" ")
             enc = self.tokenizer
             self._cache[key] = (
                 enc(head, add_special_tokens=False)["input_ids"],
@@ -81,10 +109,11 @@ class PromptBuilder:
         return self._cache[key]
 
     def target(self, text: str) -> list[int]:
-        """Target ids followed by EOS (a leading space when there is no chat template)."""
+        """Target ids followed by the end of turn (a leading space when there is no chat
+        template); see :meth:`_end_of_turn`."""
         if not getattr(self.tokenizer, "chat_template", None):
             text = " " + text
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
 
 
 PACKINGS = ("none", "rows", "flat")
@@ -106,6 +135,7 @@ class Spliced:
     modality_start: torch.Tensor  # [B] index of each sample's begin boundary in its row
     position_ids: torch.Tensor | None = None  # [R, L] packed only: 0, 1, ... per sample
     sequence_ids: torch.Tensor | None = None  # [R, L] packed only: sample index, -1 padding
+    host_labels: torch.Tensor | None = None  # ``labels`` on the host: positions without a sync
 
     @property
     def packed(self) -> bool:
@@ -213,49 +243,64 @@ def splice(
     if packing not in PACKINGS:
         raise ValueError(f"packing={packing!r}: use one of {PACKINGS}")
     device = modality[0].device
-    rows, labels, starts = [], [], []
+    afters = [
+        list(tails[i]) + (list(targets[i]) if targets is not None else [])
+        for i in range(len(modality))
+    ]
+    # every token id of the batch in one host tensor, moved once and embedded in one lookup:
+    # per-sample tensors built on the device would each be a blocking host-to-device copy
+    flat = [t for head, after in zip(heads, afters, strict=True) for t in (*head, *after)]
+    embedded = embed(to_device(torch.tensor(flat, dtype=torch.long), device))
+    rows, labels, starts, at = [], [], [], 0
     for i, span in enumerate(modality):
-        after = list(tails[i]) + (list(targets[i]) if targets is not None else [])
-        head_ids = torch.tensor(list(heads[i]), dtype=torch.long, device=device)
-        after_ids = torch.tensor(after, dtype=torch.long, device=device)
-        ids = torch.cat([head_ids, after_ids])
-        emb = embed(ids)
-        n_head = len(head_ids)
+        n_head, n_after = len(heads[i]), len(afters[i])
+        emb = embedded[at : at + n_head + n_after]
+        at += n_head + n_after
         rows.append(torch.cat([emb[:n_head], span.to(emb.dtype), emb[n_head:]]))
         starts.append(n_head)
-        if targets is not None:
-            lab = torch.full((rows[-1].shape[0],), IGNORE_INDEX, dtype=torch.long, device=device)
+        if targets is not None:  # host lists: labels never leave the host until the batch does
             n_t = len(targets[i])
-            lab[-n_t:] = torch.tensor(list(targets[i]), dtype=torch.long, device=device)
-            labels.append(lab)
+            labels.append([IGNORE_INDEX] * (rows[-1].shape[0] - n_t) + list(targets[i]))
     if packing != "none":
         return _pack(
             rows, labels if targets is not None else None, starts, packing, max_packed_tokens
         )
-    length = max(r.shape[0] for r in rows)
-    hidden = rows[0].shape[1]
-    out = rows[0].new_zeros(len(rows), length, hidden)
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-    lab_out = (
-        torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
-        if targets is not None
-        else None
-    )
-    start = torch.tensor(starts, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        n = r.shape[0]
-        s = 0 if padding_side == "right" else length - n
+    lengths = [r.shape[0] for r in rows]
+    length = max(lengths)
+    offsets = [0 if padding_side == "right" else length - n for n in lengths]
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (r, s, n) in enumerate(zip(rows, offsets, lengths, strict=True)):
         out[i, s : s + n] = r
         mask[i, s : s + n] = 1
-        start[i] += s
-        if lab_out is not None:
-            lab_out[i, s : s + n] = labels[i]
-    return Spliced(out, mask, lab_out, start)
+    start = torch.tensor([s + h for s, h in zip(offsets, starts, strict=True)], dtype=torch.long)
+    lab_out = None
+    if targets is not None:  # one host tensor for the whole batch's labels
+        pad = IGNORE_INDEX
+        padded = [
+            [pad] * s + lab + [pad] * (length - s - len(lab))
+            for s, lab in zip(offsets, labels, strict=True)
+        ]
+        lab_out = torch.tensor(padded, dtype=torch.long)
+    return Spliced(
+        out,
+        to_device(mask, device),
+        to_device(lab_out, device) if lab_out is not None else None,
+        to_device(start, device),
+        host_labels=lab_out,
+    )
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: pinned and non-blocking for CUDA, so no stall."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _pack(
     rows: list[torch.Tensor],
-    labels: list[torch.Tensor] | None,
+    labels: list[list[int]] | None,
     starts: list[int],
     packing: str,
     max_packed_tokens: int | None,
@@ -273,26 +318,38 @@ def _pack(
     n_rows = len(groups)
     length = max(sum(lengths[i] for i in g) for g in groups)
     out = rows[0].new_zeros(n_rows, length, rows[0].shape[1])
-    mask = torch.zeros(n_rows, length, dtype=torch.long, device=device)
-    seq = torch.full((n_rows, length), -1, dtype=torch.long, device=device)
+    # the index tensors are built on the host and moved once each
+    mask = torch.zeros(n_rows, length, dtype=torch.long)
+    seq = torch.full((n_rows, length), -1, dtype=torch.long)
     # padding gets positions 0, 1, ... of its own, so it also reads as a sequence of its own
-    pos = torch.arange(length, device=device).repeat(n_rows, 1)
+    pos = torch.arange(length).repeat(n_rows, 1)
     lab_out = None
-    if labels is not None:
-        lab_out = torch.full((n_rows, length), IGNORE_INDEX, dtype=torch.long, device=device)
-    start = torch.zeros(len(rows), dtype=torch.long, device=device)
-    ramp = torch.arange(length, device=device)
+    start = [0] * len(rows)
+    ramp = torch.arange(length)
+    row_labels: list[list[int]] = []
     for r, group in enumerate(groups):
         at = 0
+        row_labels.append([])
         for i in group:
             n = lengths[i]
             out[r, at : at + n] = rows[i]
             mask[r, at : at + n] = 1
             seq[r, at : at + n] = i
             pos[r, at : at + n] = ramp[:n]
-            if lab_out is not None:
-                lab_out[r, at : at + n] = labels[i]
+            if labels is not None:
+                row_labels[-1] += labels[i]
             start[i] = at + starts[i]
             at += n
         pos[r, at:] = ramp[: length - at]
-    return Spliced(out, mask, lab_out, start, pos, seq)
+    if labels is not None:  # one host tensor for the whole batch's labels
+        pad = [IGNORE_INDEX] * length
+        lab_out = torch.tensor([lab + pad[len(lab) :] for lab in row_labels], dtype=torch.long)
+    return Spliced(
+        out,
+        to_device(mask, device),
+        to_device(lab_out, device) if lab_out is not None else None,
+        to_device(torch.tensor(start, dtype=torch.long), device),
+        to_device(pos, device),
+        to_device(seq, device),
+        host_labels=lab_out,
+    )

@@ -95,6 +95,18 @@ def test_position_from_other_worker_count_restarts_epoch(uneven, caplog) -> None
     assert "restarts from its beginning" in caplog.text
 
 
+def test_position_from_other_rank_count_restarts_epoch(uneven, caplog) -> None:
+    """Saved by 2 ranks, resumed on 1: no rank's position fits, so the epoch starts over
+    (nothing skipped, nothing read twice) and the log says so."""
+    loader = _dm(uneven, sampling="exact").train_dataloader()
+    saved = next(iter(loader))["position"]
+    resumed = _dm(uneven, sampling="exact")
+    resumed.load_state_dict({"train_epoch": 0, "position": {"epoch": 0, "ranks": [saved, saved]}})
+    keys = [k for b in resumed.train_dataloader() for k in b["keys"]]
+    assert sorted(keys) == sorted(f"u{i}" for i in range(23))
+    assert "saved with 2 rank(s)" in caplog.text and "restarts from its beginning" in caplog.text
+
+
 def test_skip_rate_threshold_stops_with_clear_error(tmp_path) -> None:
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -112,6 +124,22 @@ def test_skip_rate_threshold_stops_with_clear_error(tmp_path) -> None:
         ShardDataModule(train=str(folder), max_skip_rate=2.0)
     with pytest.raises(ValueError, match="sampling"):
         ShardDataModule(train=str(folder), sampling="random")
+
+
+def test_skips_are_logged_per_reason_each_epoch(tmp_path, caplog) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    write_corrupt_shard(folder / "s-000000.tar")
+    dm = ShardDataModule(train=str(folder), sampling="exact", max_skip_rate=None)
+    loader = dm.train_dataloader()
+    lines = []
+    for epoch in (0, 1):
+        caplog.clear()
+        list(loader)
+        lines += [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        assert lines[-1].startswith(f"train epoch {epoch} (rank 0): skipped 4 samples: ")
+    assert len(lines) == 2 and "bad json: 1" in lines[0]  # that epoch's own counts, by reason
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]
 
 
 def test_filters_do_not_count_as_damage(tmp_path) -> None:

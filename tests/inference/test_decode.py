@@ -36,13 +36,22 @@ def test_batches_are_length_sorted_and_capped():
 
 def test_beam_search_decodes_a_batch_in_input_order(tiny_parts):
     encoder, llm = tiny_parts
-    model = SpeechLLM(encoder, MLPProjector(encoder.dim, llm.hidden_size, rate=2), llm).eval()
+    torch.manual_seed(0)
+    projector = MLPProjector(encoder.dim, llm.hidden_size, rate=2)
+    with torch.no_grad():
+        projector.net[-1].weight.mul_(30.0)  # loud audio: outputs that tell samples apart
+    model = SpeechLLM(encoder, projector, llm).eval()
     batch = samples([0.3, 0.6, 0.4])
+    for s, hz in zip(batch, (150.0, 1200.0, 4000.0), strict=True):  # tones that differ
+        s["audio"] = 0.5 * torch.sin(2 * torch.pi * hz * torch.arange(len(s["audio"])) / 16000)
     options = DecodeOptions(batch_size=3, max_new_tokens=3)
     greedy = decode_samples(model, batch, options)
     assert greedy == decode_samples(model, batch, options)  # greedy is deterministic
-    beams = decode_samples(model, batch, DecodeOptions(num_beams=2, max_new_tokens=3))
-    assert len(beams) == 3 and all(isinstance(t, str) for t in beams)
+    beam_options = DecodeOptions(num_beams=2, max_new_tokens=8)
+    beams = decode_samples(model, batch, beam_options)
+    # batched (length-sorted inside) and back in input order: each equals that sample alone
+    assert beams == [decode_samples(model, [s], beam_options)[0] for s in batch]
+    assert len(set(beams)) > 1
 
 
 def test_results_come_back_in_input_order(tiny_parts, monkeypatch):

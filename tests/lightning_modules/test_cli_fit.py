@@ -157,9 +157,16 @@ def test_export_loads_without_lightning(fitted, capsys):
         assert torch.equal(a, b)
     # the whole model comes back and decodes like the trained one (greedy, deterministic)
     model = load_exported(out)
-    torch.testing.assert_close(
-        model.projector.state_dict()["boundary"], cli.model.model.projector.boundary.detach()
-    )
+    trained_projector = cli.model.model.projector.state_dict()
+    loaded_projector = model.projector.state_dict()
+    assert loaded_projector.keys() == trained_projector.keys()
+    for name, value in trained_projector.items():
+        torch.testing.assert_close(loaded_projector[name], value, msg=name)
+    loaded_lora = {k: v for k, v in model.llm.model.state_dict().items() if "lora_" in k}
+    trained_lora = {k: v for k, v in cli.model.model.llm.model.state_dict().items() if "lora_" in k}
+    assert loaded_lora.keys() == trained_lora.keys() and loaded_lora
+    for name, value in trained_lora.items():
+        assert torch.equal(loaded_lora[name], value), name
 
 
 def test_bad_config_fails_at_startup(tmp_path, tokenizer_dir, tone_shards):

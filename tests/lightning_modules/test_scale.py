@@ -224,3 +224,29 @@ def test_ddp_two_processes_read_uneven_shards_once_per_epoch(
         pads += sum(row["pad"] for rows in ranks for row in rows if row["epoch"] == epoch)
     assert pads > 0  # the shards did not divide evenly, and the short rank was padded
     assert "val/wer" in out  # validation ran on both ranks and was gathered
+
+
+def test_ddp_spawn_with_spawned_workers_reads_each_sample_once(
+    tmp_path, tokenizer_dir, uneven_shards
+) -> None:
+    """Lightning's own launcher (no torchrun: no RANK in the environment) and workers started
+    with spawn, which have no process group: the main process tells them their rank."""
+    config = _config(
+        tmp_path,
+        tokenizer_dir,
+        uneven_shards,
+        trainer__max_epochs=1,
+        trainer__devices=2,
+        trainer__strategy="ddp_spawn",
+        data__num_workers=1,
+        data__worker_context="spawn",
+    )
+    env = _env()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    out = _finish(_fit(config, env=env))
+    ranks = [_rows(tmp_path / "batches" / f"rank{r}.jsonl") for r in (0, 1)]
+    seen = [[k for row in rows if not row["pad"] for k in row["keys"]] for rows in ranks]
+    both = Counter(seen[0] + seen[1])
+    assert set(both) == {f"utt{i:03d}" for i in range(19)}, out[-3000:]
+    assert set(both.values()) == {1}, both  # each sample once, on one rank

@@ -48,4 +48,10 @@ def test_pinned_smollm2_gguf_loads_and_generates():
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     out = llm.model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+    # the dequantised weights are the real ones: English reads as likely, not as noise
+    # (a random or wrongly dequantised model scores about ln(49152) = 10.8 nats a token)
+    text = tok("The capital of France is Paris. It is a beautiful city.", return_tensors="pt")
+    with torch.no_grad():
+        loss = llm.model(input_ids=text["input_ids"], labels=text["input_ids"]).loss
+    assert float(loss) < 4.0
     assert sum(p.numel() for p in llm.parameters() if p.requires_grad) == 30 * 4 * (576 + 576)

@@ -9,9 +9,20 @@ def test_chat_template_segments(tokenizer_dir):
     pb = PromptBuilder(tok)
     head, tail = pb.segments("asr")
     text_head = tok.decode(head)
-    assert text_head.startswith("<|im_start|>user\n") and text_head.endswith("speech: ")
+    # no lone space token before the modality: the LLM saw that space only inside a word token
+    assert text_head.startswith("<|im_start|>user\n") and text_head.endswith("speech:")
     assert tok.decode(tail) == "<|im_end|>\n<|im_start|>assistant\n"
-    assert pb.target("one two")[-1] == tok.eos_token_id
+    assert pb.target("one two")[-1] == tok.convert_tokens_to_ids("<|im_end|>") == pb.end_id
+
+
+def test_target_ends_with_the_templates_end_of_turn_not_eos(tokenizer_dir):
+    """Llama-3-style: eos (end of text) differs from the token closing an assistant turn."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.eos_token = "<|endoftext|>"
+    pb = PromptBuilder(tok)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert pb.target("one two")[-1] == end != tok.eos_token_id
+    assert pb.stop_ids == sorted({end, tok.eos_token_id})
 
 
 def test_plain_template_without_chat_template(plain_tokenizer_dir):
