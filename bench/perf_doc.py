@@ -119,6 +119,21 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str], str]] = [
         "and batched greedy transcription audio s/s.",
     ),
     (
+        "step_profile",
+        "Training step: `mmalign fit` against a bare loop",
+        _bench_table("step_profile"),
+        "The same model and batches trained by `mmalign fit`'s code (Lightning, hooks, logging, "
+        "non-finite check, token-weighted gradients) and by a bare PyTorch loop; then one step at "
+        "Whisper-small + Qwen2.5-0.5B shape: logits the loss holds, tensors made from Python data.",
+    ),
+    (
+        "step_profile_before",
+        "Training step, before issue 17's changes",
+        _bench_table("step_profile"),
+        "The gap part of the same benchmark run against mmalign at the commit before the "
+        "exact-core changes (the benchmark script from this commit, the library from that one).",
+    ),
+    (
         "encoder_window",
         "Whisper on the batch's window vs padding to 30 s",
         encoder_window_table,

@@ -16,7 +16,9 @@ clipping at 1.0, bf16 autocast, the same torch threads:
 - ``bare``: ``loss = model(batch); loss.backward(); clip; optimizer.step(); zero_grad()`` over the
   same :class:`SpeechLLM`.
 
-Median step time after ``--warmup`` steps (batch fetch excluded in both); gap = fit / bare - 1.
+The arms alternate, ``--repeats`` times each (bare, fit, bare, fit): a shared 2-core machine has
+slow spells of several percent, which should not land on one arm. Step time is pooled over each
+arm's steps after ``--warmup`` (batch fetch excluded in both); gap = median fit / median bare - 1.
 
 Part 2, one training step at Whisper-small + Qwen2.5-0.5B shape (its real config with
 ``--llm-layers`` decoder layers; 2 on CPU) at batch 16, measured three ways in one run:
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import random
 import statistics
@@ -59,8 +62,8 @@ from train_throughput import SMOLLM2_135M, WHISPER  # noqa: E402
 ENCODERS = {"tiny": WHISPER["tiny"], "small": WHISPER_LARGER["whisper-small"]}
 
 DIGITS = "zero one two three four five six seven eight nine".split()
-FULL = dict(steps=30, warmup=5, batch_size=8, llm_layers=2, profile_batch=16)
-QUICK = dict(steps=3, warmup=1, batch_size=2, llm_layers=1, profile_batch=2)
+FULL = dict(steps=20, warmup=4, batch_size=4, repeats=2, llm_layers=2, profile_batch=16)
+QUICK = dict(steps=3, warmup=1, batch_size=2, repeats=1, llm_layers=1, profile_batch=2)
 
 
 def tokenizer(out: str) -> str:
@@ -137,6 +140,8 @@ def fit_arm(module: Any, data: list[dict[str, Any]], precision: str) -> list[flo
     import lightning as L
     from torch.utils.data import DataLoader
 
+    # the module has a validation_step; this arm gives it no validation data on purpose
+    warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
     clock = type("Clock", (StepClock, L.Callback), {})()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -172,15 +177,24 @@ def bare_arm(module: Any, data: list[dict[str, Any]], precision: str) -> list[fl
 
 
 def gap(args: argparse.Namespace, tok: str) -> dict[str, Any]:
+    """Arms alternate (bare, fit, bare, fit, ...) so that a slow spell of a shared machine does
+    not land on one arm only; each arm's steps after warm-up are pooled."""
     data = batches(args.steps, args.batch_size, args.seed)
-    rows = {}
-    for arm, run in (("bare", bare_arm), ("fit", fit_arm), ("bare-again", bare_arm)):
-        times = run(build("tiny", SMOLLM2_135M, tok, args.seed), data, args.precision)
-        measured = times[args.warmup :]
-        rows[arm] = {"median_s": statistics.median(measured), "steps": len(measured)}
-        print(f"  {arm}: median step {rows[arm]['median_s']:.3f} s", flush=True)
-    bare = min(rows["bare"]["median_s"], rows["bare-again"]["median_s"])
-    return {"arms": rows, "gap": rows["fit"]["median_s"] / bare - 1.0}
+    pooled: dict[str, list[float]] = {"bare": [], "fit": []}
+    runs = []
+    for _ in range(args.repeats):
+        for arm, run in (("bare", bare_arm), ("fit", fit_arm)):
+            times = run(build("tiny", SMOLLM2_135M, tok, args.seed), data, args.precision)
+            measured = times[args.warmup :]
+            pooled[arm] += measured
+            runs.append({"arm": arm, "median_s": statistics.median(measured)})
+            print(f"  {arm}: median step {runs[-1]['median_s']:.3f} s", flush=True)
+    rows = {a: {"median_s": statistics.median(t), "steps": len(t)} for a, t in pooled.items()}
+    return {
+        "arms": rows,
+        "runs": runs,
+        "gap": rows["fit"]["median_s"] / rows["bare"]["median_s"] - 1,
+    }
 
 
 # --------------------------------------------------------------------------- part 2: one step
@@ -267,11 +281,13 @@ def profile(args: argparse.Namespace, tok: str) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"step_profile ({result['date']}, {result['device']})"]
+    env = result["environment"]
+    lines = [f"step_profile ({result['date']}, {env['device']}, {env['threads']} threads)"]
     if "gap" in result:
         g = result["gap"]
         lines += ["| arm | median step s |", "|---|---:|"]
-        lines += [f"| {a} | {r['median_s']:.3f} |" for a, r in g["arms"].items()]
+        lines += [f"| {r['arm']} | {r['median_s']:.3f} |" for r in g.get("runs", [])]
+        lines += [f"| {a}, pooled | {r['median_s']:.3f} |" for a, r in g["arms"].items()]
         lines += [f"gap fit / bare - 1: {100 * g['gap']:+.1f}%", ""]
     if "profile" in result:
         p = result["profile"]
@@ -291,6 +307,19 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mmalign_version() -> str:
+    """The commit of the mmalign that was measured (a "before" run imports another checkout)."""
+    import subprocess
+
+    import mmalign
+
+    where = Path(mmalign.__file__).resolve().parent
+    out = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=where, capture_output=True, text=True
+    )
+    return f"{where} at {out.stdout.strip() or 'unknown commit'}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -300,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--repeats", type=int, help="bare/fit pairs, alternated")
     parser.add_argument("--llm-layers", type=int)
     parser.add_argument("--profile-batch", type=int)
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true"])
@@ -323,11 +353,20 @@ def main(argv: list[str] | None = None) -> None:
     if silence is not None:
         silence()
     tok = tokenizer(tempfile.mkdtemp(prefix="bench_step_tok_"))
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+    cuda = args.device.startswith("cuda")
     result: dict[str, Any] = {
         "benchmark": "step_profile",
         "date": time.strftime("%Y-%m-%d"),
-        "device": f"{args.device} ({name or platform.machine()}), {args.threads} threads",
+        "environment": {
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if cuda else None,
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "load_average_1min": os.getloadavg()[0],
+        },
+        "mmalign": mmalign_version(),
         "command": "python bench/step_profile.py " + " ".join(argv or sys.argv[1:]),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }

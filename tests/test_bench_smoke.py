@@ -172,3 +172,27 @@ def test_perf_doc_renders_a_sweep_in_numeric_order(tmp_path):
     assert rows[0].startswith("| lora_one gamma=16 | 20.00%")
     assert [r.split()[2] for r in rows] == ["gamma=16", "gamma=64", "gamma=128"]
     assert "`bench/results/adapters_lora_one_gamma128.json`" in text
+
+
+def test_step_profile_counts_python_tensors_and_renders():
+    sp = load_bench("step_profile")
+    counter = sp.PythonTensors()
+    with counter:
+        torch.tensor([1, 2])
+        torch.as_tensor([3])
+        torch.zeros(3)  # not from Python data
+    assert counter.count == 2
+    result = {
+        "date": "2026-01-01",
+        "environment": {"device": "cpu", "threads": 2},
+        "gap": {"arms": {"bare": {"median_s": 1.0}, "fit": {"median_s": 1.02}}, "gap": 0.02},
+        "profile": {
+            "batch": 16,
+            "target_tokens": 200,
+            "pairs": {"logits_bytes": 2**20, "python_tensors": 3, "sync_calls": None},
+            "union": {"logits_bytes": 6 * 2**20, "python_tensors": 3, "sync_calls": None},
+            "full_logits_bytes": 9 * 2**20,
+        },
+    }
+    text = sp.table(result)
+    assert "gap fit / bare - 1: +2.0%" in text and "| union | 6 | 3 | n/a |" in text
