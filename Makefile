@@ -39,9 +39,9 @@ check-stack:
 # `make lock UPGRADE=1` moves everything to the newest allowed), then run `make test`.
 lock:
 	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q "$(UV_PIN)"; }
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra demo --extra decode --universal \
+	$(BIN)/uv pip compile -q pyproject.toml --extra dev --extra demo --extra decode --universal \
 	  --generate-hashes $(if $(UPGRADE),--upgrade) --custom-compile-command "make lock" -o requirements.lock
-	$(BIN)/uv pip compile requirements-nodeps.in --no-deps --universal \
+	$(BIN)/uv pip compile -q requirements-nodeps.in --no-deps --universal \
 	  --generate-hashes $(if $(UPGRADE),--upgrade) --custom-compile-command "make lock" -o requirements-nodeps.lock
 
 system-deps:

@@ -407,16 +407,16 @@ class SpeechLLM(nn.Module):
     def forward(
         self, batch: dict[str, Any], encoded: Encoded | None = None, reduction: str = "mean"
     ) -> torch.Tensor:
-        """Mean cross-entropy over target tokens and EOS (at the active rate); ``reduction="sum"``
+        """Mean cross-entropy over target tokens and END (at the active rate); ``reduction="sum"``
         gives the sum, for training that divides by the optimizer step's token count.
 
-        Logits are computed only at positions that predict a target token (``logits_to_keep``
-        with an index tensor): the prompt and modality positions never need the vocabulary
-        projection, which is a fifth of a small LLM's compute. ``encoded`` (from :meth:`encode`)
-        skips the encoder. With ``packing`` the batch is packed (see :meth:`packing_layout`);
-        the mean runs over the same target tokens, so the loss is the unpacked one. With
-        ``task_adapters`` each adapter group has its own LLM pass and the group means are
-        weighted by their target-token counts: the mean over the whole batch's target tokens.
+        Logits are computed only at the (row, position) pairs that predict a target token: the
+        prompt, modality and padding positions never need the vocabulary projection, which is a
+        fifth of a small LLM's compute and most of its activation memory. ``encoded`` (from
+        :meth:`encode`) skips the encoder. With ``packing`` the batch is packed (see
+        :meth:`packing_layout`); the loss runs over the same target tokens, so it is the unpacked
+        one. With ``task_adapters`` each adapter group has its own LLM pass and the group sums
+        add up: the mean is over the whole batch's target tokens.
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r}: 'mean' or 'sum'")
@@ -447,11 +447,11 @@ class SpeechLLM(nn.Module):
             packing=self.packing_layout(),
             max_packed_tokens=self.max_packed_tokens,
         )
-        assert s.host_labels is not None and s.labels is not None
+        assert s.labels is not None
         # the (row, position) pairs that predict a label, found on the host: no device sync
-        rows, cols = (s.host_labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        rows, cols = (s.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
         device = s.inputs_embeds.device
-        labels = to_device(s.host_labels[rows, cols + 1], device)
+        labels = to_device(s.labels[rows, cols + 1], device)
         masking = {"use_cache": False, **attention_inputs(s, self.attn_implementation)}
         parts = self.llm.body_and_head()
         self._scale_adapters(heads, tails, s.sequence_ids)

@@ -131,11 +131,10 @@ class Spliced:
 
     inputs_embeds: torch.Tensor  # [R, L, H]: R = B rows unpacked, fewer when packed
     attention_mask: torch.Tensor  # [R, L] 1 on sample tokens, 0 on padding
-    labels: torch.Tensor | None  # [R, L], -100 outside target + EOS
+    labels: torch.Tensor | None  # [R, L] on the host, -100 outside target + END: see _loss
     modality_start: torch.Tensor  # [B] index of each sample's begin boundary in its row
     position_ids: torch.Tensor | None = None  # [R, L] packed only: 0, 1, ... per sample
     sequence_ids: torch.Tensor | None = None  # [R, L] packed only: sample index, -1 padding
-    host_labels: torch.Tensor | None = None  # ``labels`` on the host: positions without a sync
 
     @property
     def packed(self) -> bool:
@@ -282,13 +281,7 @@ def splice(
             for s, lab in zip(offsets, labels, strict=True)
         ]
         lab_out = torch.tensor(padded, dtype=torch.long)
-    return Spliced(
-        out,
-        to_device(mask, device),
-        to_device(lab_out, device) if lab_out is not None else None,
-        to_device(start, device),
-        host_labels=lab_out,
-    )
+    return Spliced(out, to_device(mask, device), lab_out, to_device(start, device))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -347,9 +340,8 @@ def _pack(
     return Spliced(
         out,
         to_device(mask, device),
-        to_device(lab_out, device) if lab_out is not None else None,
+        lab_out,
         to_device(torch.tensor(start, dtype=torch.long), device),
         to_device(pos, device),
         to_device(seq, device),
-        host_labels=lab_out,
     )
