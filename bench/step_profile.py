@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_train import LLMS  # noqa: E402  (the released models' configs, written once)
 from gpu_train import WHISPER as WHISPER_LARGER  # noqa: E402
+from matryoshka import StepTimer  # noqa: E402  (wall time from batch start to batch end)
 from train_throughput import SMOLLM2_135M, WHISPER  # noqa: E402
 
 ENCODERS = {"tiny": WHISPER["tiny"], "small": WHISPER_LARGER["whisper-small"]}
@@ -122,27 +123,13 @@ def build(encoder: str, llm: dict[str, Any], tok: str, seed: int = 0) -> Any:
 # --------------------------------------------------------------------------- part 1: the gap
 
 
-class StepClock:
-    """Lightning callback: wall time from batch start to batch end (optimizer step included)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t)
-
-
 def fit_arm(module: Any, data: list[dict[str, Any]], precision: str) -> list[float]:
     import lightning as L
     from torch.utils.data import DataLoader
 
     # the module has a validation_step; this arm gives it no validation data on purpose
     warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
-    clock = type("Clock", (StepClock, L.Callback), {})()
+    clock = StepTimer(skip=0)  # the gap pools the steps after --warmup itself
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=len(data),
