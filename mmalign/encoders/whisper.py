@@ -151,8 +151,8 @@ class WhisperEncoder(Encoder):
         into the config, so batches of any length (and threads, torch.compile) are safe.
         """
         enc = self.model
-        hidden = F.gelu(enc.conv1(x * valid_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)))
-        hidden = hidden * valid_mask(lengths, hidden.shape[-1])[:, None, :].to(hidden.dtype)
+        valid = valid_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)  # conv1 keeps the length
+        hidden = F.gelu(enc.conv1(x * valid)) * valid
         hidden = F.gelu(enc.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + enc.embed_positions.weight[: hidden.shape[1]]
         hidden = F.dropout(hidden, p=enc.dropout, training=enc.training)

@@ -517,12 +517,8 @@ class AlignmentModule(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler: LRScheduler, metric: Any = None) -> None:
         """Lightning steps schedulers after every optimizer step; not after a skipped one."""
-        if self._skipped_update:
-            return
-        if metric is None:
-            scheduler.step()
-        else:
-            scheduler.step(metric)
+        if not self._skipped_update:
+            super().lr_scheduler_step(scheduler, metric)
 
     def _sharded(self) -> bool:
         """Parameters sharded across ranks (FSDP, DeepSpeed ZeRO-3): every forward is a
