@@ -1,5 +1,6 @@
 # mmalign: `make demo` trains a real speech-LLM offline; `make test` runs the test suite.
-# Both set up .venv first (the exact stack in requirements.lock) and Debian's espeak-ng/sox/ffmpeg.
+# Both set up .venv first (the exact stack in requirements.lock) and Debian's synthesisers, sox,
+# ffmpeg and offline English text (fortunes).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ ST     ?= runs/st_demo
 ST_CONFIG ?= configs/demo/st_whisper-tiny_smollm2-135m.yaml
 AVSR   ?= runs/avsr_demo
 AVSR_CONFIG ?= configs/demo/avsr_whisper-tiny+vit-lips_smollm2-135m.yaml
-APT_PACKAGES := espeak-ng sox ffmpeg
+APT_PACKAGES := espeak-ng sox ffmpeg flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts fortunes fortunes-min
 
 LOCKS  := requirements.lock requirements-nodeps.lock
 UV_PIN := uv==0.13.9
@@ -45,7 +46,9 @@ lock:
 	  --generate-hashes $(if $(UPGRADE),--upgrade) --custom-compile-command "make lock" -o requirements-nodeps.lock
 
 system-deps:
-	@missing=""; for p in espeak-ng sox ffmpeg; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in espeak-ng sox ffmpeg flite text2wave; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	test -f /usr/share/games/fortunes/fortunes || missing="$$missing fortunes"; \
+	echo '(voice_cmu_us_slt_arctic_hts)' | festival -i 2>&1 | grep -q 'SIOD ERROR' && missing="$$missing festvox"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	  else echo "missing:$$missing -- run: sudo apt-get install -y $(APT_PACKAGES)"; fi; \

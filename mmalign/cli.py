@@ -119,17 +119,20 @@ def synth(
     video: bool = False,
     langs: list[str] = ["de", "fr"],  # noqa: B006 - read only; jsonargparse shows the default
 ) -> None:
-    """Synthesise an offline English corpus with espeak-ng (digits, sentences, mixed or
-    translation).
+    """Synthesise an offline English corpus (digits, sentences, harvard, mixed or translation).
 
     Test utterances use voices held out of training; writes train/val/test JSONL manifests.
+    ``sentences`` is the open-vocabulary corpus: about 12,000 sentences of fortunes, gettext
+    messages and package descriptions spoken by espeak-ng and flite, plus a ``test_synth`` split
+    spoken by festival, a synthesiser never heard in training.
     ``translation`` is English speech with German/French targets from the system's gettext
     catalogs (about 1,700 sentences), split by sentence so val/test sentences are unseen.
 
     Args:
         out_dir: output folder (wav files and manifests).
-        kind: ``digits``, ``sentences``, ``mixed`` or ``translation`` (manifest lines also carry
-            ``translation`` {lang: text} and ``source_lang``).
+        kind: ``digits``, ``sentences`` (open vocabulary, three synthesisers), ``harvard``
+            (100 sentences), ``mixed`` (digits and harvard) or ``translation`` (manifest lines
+            also carry ``translation`` {lang: text} and ``source_lang``).
         n_train: training utterances.
         n_val: validation utterances (training voices, unseen texts).
         n_test: test utterances (held-out voices).
@@ -151,6 +154,17 @@ def synth(
             langs=tuple(langs),
             seed=seed,
             jobs=jobs,
+        )
+        for split, path in manifests.items():
+            print(f"{split}: {path}")
+        return
+    if kind == "sentences":
+        if video:
+            raise SystemExit("synth: --video is not available with kind=sentences")
+        from mmalign.data.synthetic.sentences import synthesize_sentences
+
+        manifests = synthesize_sentences(
+            out_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, jobs=jobs
         )
         for split, path in manifests.items():
             print(f"{split}: {path}")

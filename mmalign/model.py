@@ -33,10 +33,12 @@ from mmalign.llm.prompt import (
 )
 from mmalign.llm.scaling import DeltaScale, PromptScaler
 from mmalign.projectors.base import Projector
+from mmalign.projectors.ctc import VocabCTC
 
 Encoded = dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (frames [B, T, D], lengths)
 
 MODALITY_ORDER = ("audio", "video")  # span order in the LLM's sequence
+CTC_TASKS = ("asr", "avsr")  # tasks whose target is what was said
 TASK_MODALITIES: dict[str, tuple[str, ...]] = {
     "asr": ("audio",),
     "st": ("audio",),
@@ -89,6 +91,9 @@ class SpeechLLM(nn.Module):
     reads the mean of each sample's prompt-token embeddings and scales the output of every
     adapter for that sample (see :mod:`mmalign.llm.scaling`); ``prompt_scaling_dim`` is its
     hidden width.
+
+    ``ctc`` adds :attr:`ctc`, the blank and scale of a CTC loss of the audio projector's outputs
+    against the LLM's token embeddings (:meth:`ctc_loss`; training schedules it).
     """
 
     # SpeechLLM arguments that describe the adapter layout (exports and checkpoints keep them)
@@ -110,6 +115,7 @@ class SpeechLLM(nn.Module):
         task_adapters: dict[str, str | list[str]] | None = None,
         prompt_aware_scaling: bool = False,
         prompt_scaling_dim: int = 64,
+        ctc: bool = False,
     ) -> None:
         super().__init__()
         _check_widths("projector", projector, encoder, llm)
@@ -165,6 +171,9 @@ class SpeechLLM(nn.Module):
             PromptScaler(llm.hidden_size, prompt_scaling_dim) if prompt_aware_scaling else None
         )
         self._delta_scale = DeltaScale()
+        if ctc and encoder.modality != "audio":
+            raise ValueError("ctc=True aligns an audio projector; this model's encoder reads video")
+        self.ctc = VocabCTC(llm.hidden_size) if ctc else None
         self.activate_rate()
 
     @staticmethod
@@ -331,13 +340,23 @@ class SpeechLLM(nn.Module):
             if m in needed
         }
 
-    def _spans(self, batch: dict[str, Any], encoded: Encoded | None = None) -> list[torch.Tensor]:
+    def project(self, batch: dict[str, Any], encoded: Encoded | None = None) -> Encoded:
+        """Projector outputs ``[B, T', H]`` and lengths per modality (from :meth:`encode`)."""
         encoded = encoded if encoded is not None else self.encode(batch)
+        return {m: p(*encoded[m]) for m, (_, p) in self.branches().items() if m in encoded}
+
+    def _spans(
+        self,
+        batch: dict[str, Any],
+        encoded: Encoded | None = None,
+        projected: Encoded | None = None,
+    ) -> list[torch.Tensor]:
+        projected = projected if projected is not None else self.project(batch, encoded)
         pieces: dict[str, list[torch.Tensor]] = {}
         for m, (_, projector) in self.branches().items():
-            if m not in encoded:
+            if m not in projected:
                 continue
-            emb, lengths = projector(*encoded[m])
+            emb, lengths = projected[m]
             begin, end = projector.begin[None].to(emb.dtype), projector.end[None].to(emb.dtype)
             pieces[m] = [
                 torch.cat([begin, emb[i, : int(n)], end]) for i, n in enumerate(lengths.tolist())
@@ -405,7 +424,11 @@ class SpeechLLM(nn.Module):
         )
 
     def forward(
-        self, batch: dict[str, Any], encoded: Encoded | None = None, reduction: str = "mean"
+        self,
+        batch: dict[str, Any],
+        encoded: Encoded | None = None,
+        reduction: str = "mean",
+        projected: Encoded | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over target tokens and END (at the active rate); ``reduction="sum"``
         gives the sum, for training that divides by the optimizer step's token count.
@@ -413,7 +436,8 @@ class SpeechLLM(nn.Module):
         Logits are computed only at the (row, position) pairs that predict a target token: the
         prompt, modality and padding positions never need the vocabulary projection, which is a
         fifth of a small LLM's compute and most of its activation memory. ``encoded`` (from
-        :meth:`encode`) skips the encoder. With ``packing`` the batch is packed (see
+        :meth:`encode`) skips the encoder, ``projected`` (from :meth:`project`) the projector
+        too. With ``packing`` the batch is packed (see
         :meth:`packing_layout`); the loss runs over the same target tokens, so it is the unpacked
         one. With ``task_adapters`` each adapter group has its own LLM pass and the group sums
         add up: the mean is over the whole batch's target tokens.
@@ -422,7 +446,7 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"reduction={reduction!r}: 'mean' or 'sum'")
         heads, tails = self._segments(batch)
         targets = [self.prompt.target(t) for t in batch["texts"]]
-        spans = self._spans(batch, encoded)
+        spans = self._spans(batch, encoded, projected)
         total = None
         for names, idx in self.adapter_groups(batch):
             self._activate(names)
@@ -430,6 +454,26 @@ class SpeechLLM(nn.Module):
             total = part if total is None else total + part
         assert total is not None
         return total if reduction == "sum" else total / sum(len(t) for t in targets)
+
+    def ctc_loss(
+        self, batch: dict[str, Any], projected: Encoded | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """``(summed CTC loss, samples skipped)`` of the audio projector's outputs against the
+        transcript's tokens in the LLM vocabulary (see :mod:`mmalign.projectors.ctc`).
+
+        Only transcription samples (``asr``, ``avsr``) take part: a translation's target is not
+        what was said. A sample whose output is shorter than CTC needs is skipped and counted."""
+        if self.ctc is None:
+            raise ValueError("this model has no CTC head: build it with ctc=True")
+        rows = [i for i, t in enumerate(self._tasks(batch)) if t in CTC_TASKS]
+        if not rows:
+            return self.ctc.blank.sum() * 0.0, 0
+        projected = projected if projected is not None else self.project(batch)
+        frames, lengths = projected["audio"]
+        targets = [self.prompt.target(batch["texts"][i])[:-1] for i in rows]
+        vocab = self.llm.model.get_input_embeddings().weight
+        lengths = lengths.tolist()
+        return self.ctc.loss(frames[rows], [lengths[i] for i in rows], targets, vocab)
 
     def target_tokens(self, batch: dict[str, Any]) -> int:
         """Number of target tokens (EOS included) the loss of ``batch`` is taken over."""

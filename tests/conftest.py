@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -209,6 +210,54 @@ def tiny_model_section(
             },
         },
     }
+
+
+def write_config(tmp: Path, tokenizer_dir: Path, shards: Path) -> Path:
+    """A CLI fit config over ``shards``: tiny models (rate 2, width 16, LoRA r=4), 4 steps."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 1,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp / "run"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp / "run"), "name": "logs"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True},
+                }
+            ],
+        },
+        "model": {
+            **tiny_model_section(tokenizer_dir, 2, 16, 4),
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
+            "scheduler": {
+                "class_path": "mmalign.lightning_modules.schedules.WarmupCosine",
+                "init_args": {"warmup_steps": 1},
+            },
+            "max_new_tokens": 4,
+            "predictions_dir": str(tmp / "pred"),
+        },
+        "data": {
+            "train": str(shards),
+            "val": str(shards),
+            "test": str(shards),
+            "max_batch_seconds": 4.0,
+        },
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 DIGITS = "zero one two three four five six seven eight nine".split()

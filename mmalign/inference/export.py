@@ -65,6 +65,7 @@ def describe(model: SpeechLLM) -> dict[str, Any]:
             "prompts": model.prompt.prompts,
             "system_prompt": model.prompt.system_prompt,
             **{k: getattr(model, k) for k in SpeechLLM.ADAPTER_OPTIONS},
+            "ctc": model.ctc is not None,
         }
     )
 
@@ -115,6 +116,7 @@ def build_from_description(
         video_projector=video_projector,
         task_modalities=desc.get("task_modalities"),
         **{k: desc[k] for k in SpeechLLM.ADAPTER_OPTIONS if k in desc},
+        ctc=bool(desc.get("ctc", False)),
     )
 
 
@@ -169,6 +171,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if model.prompt_scaler is not None:  # prompt-aware adapter scaling head
         save_file(_contiguous(model.prompt_scaler), out / SCALER_FILE)
     desc = describe(model)
+    desc["ctc"] = False  # the CTC head only trains the projector; decoding never reads it
     desc["checkpoint"] = str(checkpoint)
     (out / CONFIG_NAME).write_text(json.dumps(desc, indent=2))
     return out

@@ -104,6 +104,14 @@ class AlignmentModule(L.LightningModule):
         prompt_aware_scaling: a trainable head reads each sample's pooled prompt embedding
             and scales every adapter's output for that sample (WavLLM; see
             :mod:`mmalign.llm.scaling`); ``prompt_scaling_dim`` is its hidden width.
+        ctc_weight: weight of a CTC loss of the audio projector's outputs against the
+            transcript's tokens in the LLM's own vocabulary, added to the LLM loss (both per
+            target token); 0 = off. See :mod:`mmalign.projectors.ctc`.
+        ctc_only_steps: the first this many optimizer steps train the projector with the CTC
+            loss alone, without running the LLM (Soundwave's alignment stage; each step costs
+            the encoder and projector only); then the LLM loss (plus ``ctc_weight`` x CTC).
+        projector_warmup_steps: the first this many steps update the projector only (the
+            adapter's gradients are dropped), so LoRA starts on inputs that already carry speech.
 
     Randomness inside a training step (LoRA and projector dropout) is seeded from
     (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
@@ -145,8 +153,20 @@ class AlignmentModule(L.LightningModule):
         task_adapters: dict[str, str | list[str]] | None = None,
         prompt_aware_scaling: bool = False,
         prompt_scaling_dim: int = 64,
+        ctc_weight: float = 0.0,
+        ctc_only_steps: int = 0,
+        projector_warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        for name, value in (("ctc_only_steps", ctc_only_steps),
+                            ("projector_warmup_steps", projector_warmup_steps)):  # fmt: skip
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"model.{name}={value!r}: an int >= 0")
+        if not ctc_weight >= 0:
+            raise ValueError(f"model.ctc_weight={ctc_weight!r}: a number >= 0")
+        self.ctc_weight = float(ctc_weight)
+        self.ctc_only_steps = ctc_only_steps
+        self.projector_warmup_steps = projector_warmup_steps
         if (video_encoder is None) != (video_projector is None):
             raise ValueError("model.video_encoder and model.video_projector come together")
         check_strategy(llm, lora_strategy)
@@ -170,6 +190,7 @@ class AlignmentModule(L.LightningModule):
             task_adapters=task_adapters,
             prompt_aware_scaling=prompt_aware_scaling,
             prompt_scaling_dim=prompt_scaling_dim,
+            ctc=self.ctc_weight > 0 or ctc_only_steps > 0,
         )
         if (task_adapters is not None or prompt_aware_scaling) and llm.adapter is None:
             raise ValueError(
@@ -190,6 +211,7 @@ class AlignmentModule(L.LightningModule):
         self.log_examples = log_examples
         self._outputs: list[dict[str, Any]] = []
         self._skipped_total = 0
+        self._ctc_skipped = 0
         self._num_trainable: int | None = None
         if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps!r}: an int >= 1")
@@ -219,6 +241,7 @@ class AlignmentModule(L.LightningModule):
             k: v
             for k, v in ckpt["state_dict"].items()
             if not (skip_lora and ("lora_" in k or k.endswith(OFFSET_SUFFIXES)))
+            and not (k.startswith("model.ctc.") and self.model.ctc is None)  # alignment done
         }
         own = dict(self.state_dict())
         trainable = self.trainable_names()
@@ -422,11 +445,25 @@ class AlignmentModule(L.LightningModule):
         reduction = "sum" if self._token_weighted() else "mean"
         n = self.model.target_tokens(batch)
         per_token = n if reduction == "sum" else 1
-        if self.model.rates is None:
-            loss = self.model(batch, reduction=reduction)
+        llm_weight, ctc_weight = self.loss_weights(int(self.global_step))
+        encoded = projected = ctc = None
+        if ctc_weight > 0:  # the encoder and projector run once for both losses
+            encoded = self.model.encode(batch)
+            projected = self.model.project(batch, encoded)
+            ctc, skipped = self.model.ctc_loss(batch, projected)
+            ctc = ctc if reduction == "sum" else ctc / n
+            self._ctc_skipped += 0 if pad else skipped
+            if not pad:
+                self.log("train/ctc", ctc.detach() / per_token, prog_bar=True, batch_size=bs)
+                self.log("train/ctc_skipped", float(self._ctc_skipped), batch_size=bs)
+        if llm_weight == 0:
+            assert ctc is not None
+            loss = ctc_weight * ctc
+        elif self.model.rates is None:
+            loss = self.model(batch, encoded, reduction, projected)
         else:
             losses = self.model.loss_per_rate(
-                batch, self.training_rates(batch_idx), None, reduction
+                batch, self.training_rates(batch_idx), encoded, reduction
             )
             weight = dict(zip(self.model.rates, self.rate_weights or [], strict=True))
             total = sum(weight[r] for r in losses)
@@ -434,13 +471,24 @@ class AlignmentModule(L.LightningModule):
             if not pad:
                 for r, v in losses.items():
                     self.log(f"train/loss_r{r}", v.detach() / per_token, batch_size=bs)
+        if llm_weight > 0 and not pad:
+            self.log("train/loss", loss.detach() / per_token, prog_bar=True, batch_size=bs)
+        if llm_weight > 0 and ctc is not None:
+            loss = loss + ctc_weight * ctc
         if pad:
             return loss * 0.0  # no tokens: adds nothing to the step's gradient or its count
         self._step_tokens += n
         self._loss_finite = torch.isfinite(loss.detach()).all()  # read in optimizer_step: no sync
-        self.log("train/loss", loss.detach() / per_token, prog_bar=True, batch_size=bs)
         self._log_skipped(batch)
         return loss
+
+    def loss_weights(self, step: int) -> tuple[float, float]:
+        """``(LLM loss weight, CTC weight)`` at optimizer step ``step``: CTC alone during the
+        first ``ctc_only_steps``, then the LLM loss plus ``ctc_weight`` x CTC. A function of the
+        step alone, so a resumed run follows the same schedule."""
+        if step < self.ctc_only_steps:
+            return 0.0, 1.0
+        return 1.0, self.ctc_weight
 
     def _token_weighted(self) -> bool:
         """Whether the step's gradient is the mean over its target tokens (every strategy whose
@@ -458,6 +506,9 @@ class AlignmentModule(L.LightningModule):
         nor a rank's pad batch changes it.
         """
         tokens, self._step_tokens = self._step_tokens, 0
+        if self.global_step < self.projector_warmup_steps:  # AdamW skips a None gradient
+            for p in self.model.llm.parameters():
+                p.grad = None
         if not self._token_weighted():
             return
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 INSTALL_HINT = "sudo apt-get install espeak-ng sox"
 SAMPLE_RATE = 16000
-KINDS = ("digits", "sentences", "mixed")
+KINDS = ("digits", "harvard", "mixed")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # Variants that stay intelligible (male, female and Klatt-synthesis timbres); the ones the local
@@ -314,8 +314,9 @@ def synthesize(
     """Synthesise a train/val/test corpus into ``out_dir``; returns split -> manifest path.
 
     ``kind`` is ``"digits"`` (spoken digit strings of ``min_digits``..``max_digits`` words),
-    ``"sentences"`` or ``"mixed"`` (either, half and half). ``held_out_voices`` voices are kept
-    for the test split only. ``jobs`` synthesis processes run at once.
+    ``"harvard"`` (the 100 sentences above) or ``"mixed"`` (either, half and half).
+    ``held_out_voices`` voices are kept for the test split only. ``jobs`` synthesis processes
+    run at once.
     """
     counts = _check_args(kind, n_train, n_val, n_test, min_digits, max_digits)
     check_tools()
