@@ -196,3 +196,36 @@ def test_step_profile_counts_python_tensors_and_renders():
     }
     text = sp.table(result)
     assert "gap fit / bare - 1: +2.0%" in text and "| union | 6 | 3 | n/a |" in text
+
+
+def test_convergence_arm_config_and_reach(tmp_path):
+    import argparse
+
+    import yaml
+
+    conv = load_bench("convergence")
+    args = argparse.Namespace(steps=40, every=10, out_dir=tmp_path, corpus=tmp_path / "c")
+    cfg = yaml.safe_load(conv.arm_config("plain", args).read_text())
+    assert cfg["model"]["ctc_only_steps"] == 0 and cfg["model"]["ctc_weight"] == 0.0
+    assert cfg["trainer"]["max_steps"] == 40 and cfg["trainer"]["limit_val_batches"] == 0
+    assert cfg["data"]["train"] == str(tmp_path / "c" / "shards" / "train")
+    shipped = yaml.safe_load(conv.CONFIG.read_text())["model"]
+    default = yaml.safe_load(conv.arm_config("default", args).read_text())["model"]
+    assert default["ctc_only_steps"] == shipped["ctc_only_steps"]
+    rows = [
+        {"step": s, "train_minutes": s / 10, "wer": {"test": w, "val": w, "test_synth": w}}
+        for s, w in ((10, 80.0), (20, 45.0), (30, 29.0), (40, 31.0))
+    ]
+    assert conv.reached(rows, "test") == {
+        "50": {"step": 20, "minutes": 2.0},
+        "30": {"step": 30, "minutes": 3.0},
+        "15": None,
+    }
+    result = {
+        "settings": {"steps": 40, "every": 10, "eval_n": 5},
+        "environment": {"cpus": 2},
+        "arms": {"plain": {"overrides": conv.ARMS["plain"], "rows": rows,
+                           "reached": {"test": conv.reached(rows, "test")}}},
+    }  # fmt: skip
+    text = conv.table(result)
+    assert "| plain |" in text and "step 30 (3.0 min)" in text and "not reached" in text

@@ -1,8 +1,9 @@
-"""Callbacks: an audit trail of what each training step saw."""
+"""Callbacks: an audit trail of what each training step saw, and a training clock."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,44 @@ class BatchLog(L.Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class TrainClock(L.Callback):
+    """Seconds spent in training batches (data loading included, validation excluded), kept in
+    checkpoints so a resumed run counts on, and logged as ``time/train_minutes``.
+
+    Convergence is a question of time as much as of steps: with this in every checkpoint, "how
+    many CPU minutes to reach WER x" is read off the checkpoints (``bench/convergence.py``).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._tick()
+        self._last = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        self._tick()
+        pl_module.log("time/train_minutes", self.seconds / 60, rank_zero_only=True)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds += now - self._last
+        self._last = now
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.seconds = float(state_dict["seconds"])
