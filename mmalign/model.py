@@ -475,6 +475,18 @@ class SpeechLLM(nn.Module):
         lengths = lengths.tolist()
         return self.ctc.loss(frames[rows], [lengths[i] for i in rows], targets, vocab)
 
+    @torch.no_grad()
+    def ctc_transcribe(self, batch: dict[str, Any], encoded: Encoded | None = None) -> list[str]:
+        """Best-path CTC transcripts of the audio projector's outputs: what the alignment stage
+        has taught the projector to say, with no LLM in the loop."""
+        if self.ctc is None:
+            raise ValueError("this model has no CTC head: build it with ctc=True")
+        encoded = encoded if encoded is not None else self.encode(batch)
+        frames, lengths = self.projector(*encoded["audio"])
+        vocab = self.llm.model.get_input_embeddings().weight
+        ids = self.ctc.greedy(frames, lengths.tolist(), vocab)
+        return [self.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+
     def target_tokens(self, batch: dict[str, Any]) -> int:
         """Number of target tokens (EOS included) the loss of ``batch`` is taken over."""
         return sum(len(self.prompt.target(t)) for t in batch["texts"])

@@ -27,7 +27,7 @@ from mmalign.llm.tuners import (
     offset_buffer_names,
     sync_base_offsets,
 )
-from mmalign.model import SpeechLLM
+from mmalign.model import CTC_TASKS, SpeechLLM
 from mmalign.projectors.base import Projector
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 ProjectorFactory = Callable[[int, int], Projector]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
 OFFSET_SUFFIXES = (OFFSET_A, OFFSET_B)  # adapter init offsets (see mmalign.llm.tuners)
+
+
+def _gather(items: list[Any]) -> list[Any]:
+    """Every rank's ``items``, rank by rank (the list itself without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, items)
+        return [o for part in parts for o in part]
+    return items
 
 
 def _clean(name: str) -> str:
@@ -212,6 +221,7 @@ class AlignmentModule(L.LightningModule):
         self._outputs: list[dict[str, Any]] = []
         self._skipped_total = 0
         self._ctc_skipped = 0
+        self._ctc_outputs: list[tuple[str, str]] = []
         self._num_trainable: int | None = None
         if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps!r}: an int >= 1")
@@ -596,6 +606,11 @@ class AlignmentModule(L.LightningModule):
         bs = len(batch["texts"])
         rates = self.model.rates
         encoded = self.model.encode(batch)  # once for the loss and the decoding
+        if self.model.ctc is not None and "audio" in encoded and not pad:
+            ctc = self.model.ctc_transcribe(batch, encoded)
+            tasks = self.model._tasks(batch)
+            self._ctc_outputs += [(r, h) for r, h, t in zip(batch["texts"], ctc, tasks, strict=True)
+                                  if t in CTC_TASKS]  # fmt: skip
         if rates is None:
             loss = self.model(batch, encoded)
             hyps = self._decode(batch, encoded=encoded)
@@ -659,15 +674,18 @@ class AlignmentModule(L.LightningModule):
 
     def _gathered(self) -> list[dict[str, Any]]:
         outputs, self._outputs = self._outputs, []
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, outputs)
-            outputs = [o for part in parts for o in part]
-        return outputs
+        return _gather(outputs)
 
     def _eval_end(self, prefix: str) -> dict[str, float] | None:
         """Log per-rate, per-task and overall figures; ``{prefix}/wer`` is over the
-        transcription tasks at the default rate (what checkpoints monitor)."""
+        transcription tasks at the default rate (what checkpoints monitor). With a CTC head,
+        ``{prefix}/ctc_wer`` is the WER of its best-path transcripts."""
+        ctc, self._ctc_outputs = _gather(self._ctc_outputs), []
+        if ctc:
+            m = error_rates([r for r, _ in ctc], [h for _, h in ctc], self.normalizer)
+            self.log(f"{prefix}/ctc_wer", m["wer"], rank_zero_only=True)
+            if not self.trainer.sanity_checking:
+                self.print(f"{prefix}/ctc_wer = {m['wer']:.4f} (CTC head, no LLM)")
         outputs = self._gathered()
         if not outputs:
             return None

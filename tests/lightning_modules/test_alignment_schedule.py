@@ -128,3 +128,14 @@ def test_bad_schedule_fails_at_construction(tokenizer_dir):
         module(tokenizer_dir, ctc_only_steps=-1)
     with pytest.raises(ValueError, match="ctc_weight"):
         module(tokenizer_dir, ctc_weight=float("nan"))
+
+
+def test_validation_logs_the_ctc_heads_own_wer(tokenizer_dir):
+    m = module(tokenizer_dir, ctc_only_steps=1)
+    m.max_new_tokens = 2
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    (metrics,) = trainer.validate(m, DataLoader(batches(), batch_size=None))
+    assert "val/ctc_wer" in metrics and metrics["val/ctc_wer"] >= 0
+    texts = m.model.ctc_transcribe(batches()[0])
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
