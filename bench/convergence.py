@@ -32,12 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/sentences_whisper-tiny_smollm2-135m.yaml"
 SPLITS = ("val", "test", "test_synth")
 TARGETS = (50, 30, 15)
-PLAIN = {"model.ctc_only_steps": 0, "model.ctc_weight": 0.0, "model.projector_warmup_steps": 0}
+PLAIN = {
+    "model.ctc_only_steps": 0,
+    "model.ctc_weight": 0.0,
+    "model.ctc_shrink": False,
+    "model.projector_warmup_steps": 0,
+}
 # each arm: the plain recipe plus its overrides ("default" is the config as shipped)
 ARMS: dict[str, dict[str, Any]] = {
     "plain": PLAIN,
     "ctc_aux": {**PLAIN, "model.ctc_weight": 0.5},
     "ctc_stage": {**PLAIN, "model.ctc_only_steps": 400},
+    "ctc_stage_aux": {**PLAIN, "model.ctc_only_steps": 400, "model.ctc_weight": 0.5},
     "warmup": {**PLAIN, "model.projector_warmup_steps": 100},
     "pissa": {**PLAIN, "model.llm.init_args.adapter.init_args.init_lora_weights": "pissa"},
     "default": {},
@@ -126,10 +132,30 @@ def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[
             row["examples"][split] = [
                 {"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3], strict=True)
             ]
+            if model.ctc is not None:  # the CTC head alone: what the projector carries
+                ctc = ctc_hypotheses(model, data)
+                row.setdefault("ctc_wer", {})[split] = (
+                    100 * error_rates(refs, ctc, "english")["wer"]
+                )
+        ctc = ", ".join(f"{s} {w:.1f}%" for s, w in row.get("ctc_wer", {}).items())
         print(f"[{name}] step {row['step']}: " + ", ".join(
-            f"{s} {w:.1f}%" for s, w in row["wer"].items()), flush=True)  # fmt: skip
+            f"{s} {w:.1f}%" for s, w in row["wer"].items()) + (f"; CTC head: {ctc}" if ctc else ""),
+            flush=True)  # fmt: skip
         rows.append(row)
     return rows
+
+
+def ctc_hypotheses(model: Any, samples: list[dict[str, Any]]) -> list[str]:
+    """Best-path CTC transcripts of ``samples`` (batched as ``decode_samples`` batches them)."""
+    from mmalign.data.collate import collate
+    from mmalign.inference.decode import features_for, length_sorted_batches
+
+    features, out = features_for(model), [""] * len(samples)
+    for indices in length_sorted_batches(samples, 240.0, 16):
+        batch = collate([samples[i] for i in indices], features)
+        for i, text in zip(indices, model.ctc_transcribe(batch), strict=True):
+            out[i] = text
+    return out
 
 
 def reached(rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
@@ -175,10 +201,11 @@ def table(result: dict[str, Any]) -> str:
     lines.append("| arm | " + " | ".join(str(s) for s in steps) + " |")
     lines.append("|---|" + "---|" * len(steps))
     for name, arm in result["arms"].items():
-        by = {r["step"]: r["wer"]["test"] for r in arm["rows"]}
-        lines.append(
-            f"| {name} | " + " | ".join(f"{by[s]:.1f}" if s in by else "" for s in steps) + " |"
-        )
+        for label, key in ((name, "wer"), (f"{name}, CTC head alone", "ctc_wer")):
+            by = {r["step"]: r[key]["test"] for r in arm["rows"] if key in r}
+            if by:
+                cells = " | ".join(f"{by[s]:.1f}" if s in by else "" for s in steps)
+                lines.append(f"| {label} | {cells} |")
     return "\n".join(lines)
 
 
@@ -223,6 +250,9 @@ def main() -> None:
         print(table(json.loads(args.print.read_text())))
         return
     torch.set_num_threads(os.cpu_count() or 1)
+    from mmalign.quiet import silence
+
+    silence()
     settings = {"steps": args.steps, "every": args.every, "eval_n": args.eval_n,
                 "config": str(CONFIG.relative_to(ROOT))}  # fmt: skip
     for name in args.arms:

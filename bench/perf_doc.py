@@ -92,6 +92,16 @@ def transcribe_table(result: dict[str, Any]) -> str:
 # (JSON name, title, renderer, what it shows)
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str], str]] = [
     (
+        "convergence",
+        "Alignment convergence on open-vocabulary speech",
+        _bench_table("convergence"),
+        "Whisper tiny.en + SmolLM2-135M on the sentences corpus (`mmalign synth --kind "
+        "sentences`): the plain recipe (LLM loss from step 0) against each alignment technique "
+        "and the shipped default, same shards, seed and step budget; held-out WER after "
+        "Whisper's English normaliser, steps and training minutes to 50/30/15%. "
+        "![WER against steps](../bench/results/convergence.png)",
+    ),
+    (
         "train_throughput",
         "Training throughput: mmalign's defaults vs Llama-AVSR's settings",
         _bench_table("train_throughput"),

@@ -93,7 +93,10 @@ class SpeechLLM(nn.Module):
     hidden width.
 
     ``ctc`` adds :attr:`ctc`, the blank and scale of a CTC loss of the audio projector's outputs
-    against the LLM's token embeddings (:meth:`ctc_loss`; training schedules it).
+    against the LLM's token embeddings (:meth:`ctc_loss`; training schedules it). ``ctc_shrink``
+    (Soundwave's shrinking) gives the LLM only the audio frames at which the CTC head emits a
+    token: about one vector per spoken token, already near that token's embedding, instead of
+    12.5 frames a second of which most are blanks.
     """
 
     # SpeechLLM arguments that describe the adapter layout (exports and checkpoints keep them)
@@ -116,6 +119,7 @@ class SpeechLLM(nn.Module):
         prompt_aware_scaling: bool = False,
         prompt_scaling_dim: int = 64,
         ctc: bool = False,
+        ctc_shrink: bool = False,
     ) -> None:
         super().__init__()
         _check_widths("projector", projector, encoder, llm)
@@ -174,6 +178,9 @@ class SpeechLLM(nn.Module):
         if ctc and encoder.modality != "audio":
             raise ValueError("ctc=True aligns an audio projector; this model's encoder reads video")
         self.ctc = VocabCTC(llm.hidden_size) if ctc else None
+        if ctc_shrink and not ctc:
+            raise ValueError("ctc_shrink=True keeps the frames a CTC head picks: set ctc=True")
+        self.ctc_shrink = bool(ctc_shrink)
         self.activate_rate()
 
     @staticmethod
@@ -358,9 +365,13 @@ class SpeechLLM(nn.Module):
                 continue
             emb, lengths = projected[m]
             begin, end = projector.begin[None].to(emb.dtype), projector.end[None].to(emb.dtype)
-            pieces[m] = [
-                torch.cat([begin, emb[i, : int(n)], end]) for i, n in enumerate(lengths.tolist())
-            ]
+            if m == "audio" and self.ctc_shrink:
+                assert self.ctc is not None
+                vocab = self.llm.model.get_input_embeddings().weight
+                frames = self.ctc.shrink(emb, lengths.tolist(), vocab)
+            else:
+                frames = [emb[i, : int(n)] for i, n in enumerate(lengths.tolist())]
+            pieces[m] = [torch.cat([begin, f, end]) for f in frames]
         spans = []
         for i, task in enumerate(self._tasks(batch)):
             spans.append(torch.cat([pieces[m][i] for m in self.modalities_of(task)]))

@@ -40,6 +40,7 @@ from mmalign.model import SpeechLLM
 CONFIG_NAME = "mmalign.json"
 CKPT_KEY = "mmalign"
 SCALER_FILE = "prompt_scaler.safetensors"
+CTC_FILE = "ctc.safetensors"
 
 
 def describe(model: SpeechLLM) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def describe(model: SpeechLLM) -> dict[str, Any]:
             "system_prompt": model.prompt.system_prompt,
             **{k: getattr(model, k) for k in SpeechLLM.ADAPTER_OPTIONS},
             "ctc": model.ctc is not None,
+            "ctc_shrink": model.ctc_shrink,
         }
     )
 
@@ -117,6 +119,7 @@ def build_from_description(
         task_modalities=desc.get("task_modalities"),
         **{k: desc[k] for k in SpeechLLM.ADAPTER_OPTIONS if k in desc},
         ctc=bool(desc.get("ctc", False)),
+        ctc_shrink=bool(desc.get("ctc_shrink", False)),
     )
 
 
@@ -171,7 +174,10 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if model.prompt_scaler is not None:  # prompt-aware adapter scaling head
         save_file(_contiguous(model.prompt_scaler), out / SCALER_FILE)
     desc = describe(model)
-    desc["ctc"] = False  # the CTC head only trains the projector; decoding never reads it
+    if model.ctc is not None and model.ctc_shrink:  # decoding reads the head: it picks frames
+        save_file(_contiguous(model.ctc), out / CTC_FILE)
+    else:
+        desc["ctc"] = False  # the CTC head only trained the projector; decoding never reads it
     desc["checkpoint"] = str(checkpoint)
     (out / CONFIG_NAME).write_text(json.dumps(desc, indent=2))
     return out
@@ -205,6 +211,8 @@ def load_exported(path: str | Path, device: str = "cpu", llm: str | None = None)
         model.activate_rate()
     if model.prompt_scaler is not None:
         model.prompt_scaler.load_state_dict(load_file(path / SCALER_FILE))
+    if model.ctc is not None:
+        model.ctc.load_state_dict(load_file(path / CTC_FILE))
     for prefix, encoder, projector in _parts(model):
         projector.load_state_dict(load_file(path / f"{prefix}projector.safetensors"))
         expected = set(trainable_state(encoder))

@@ -121,6 +121,9 @@ class AlignmentModule(L.LightningModule):
             the encoder and projector only); then the LLM loss (plus ``ctc_weight`` x CTC).
         projector_warmup_steps: the first this many steps update the projector only (the
             adapter's gradients are dropped), so LoRA starts on inputs that already carry speech.
+        ctc_shrink: the LLM reads only the audio frames at which the CTC head emits a token
+            (about one per spoken token) instead of every frame; see :class:`SpeechLLM`. Train
+            the head first (``ctc_only_steps``) and keep it learning (``ctc_weight``).
 
     Randomness inside a training step (LoRA and projector dropout) is seeded from
     (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
@@ -165,6 +168,7 @@ class AlignmentModule(L.LightningModule):
         ctc_weight: float = 0.0,
         ctc_only_steps: int = 0,
         projector_warmup_steps: int = 0,
+        ctc_shrink: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("ctc_only_steps", ctc_only_steps),
@@ -199,7 +203,8 @@ class AlignmentModule(L.LightningModule):
             task_adapters=task_adapters,
             prompt_aware_scaling=prompt_aware_scaling,
             prompt_scaling_dim=prompt_scaling_dim,
-            ctc=self.ctc_weight > 0 or ctc_only_steps > 0,
+            ctc=self.ctc_weight > 0 or ctc_only_steps > 0 or ctc_shrink,
+            ctc_shrink=ctc_shrink,
         )
         if (task_adapters is not None or prompt_aware_scaling) and llm.adapter is None:
             raise ValueError(

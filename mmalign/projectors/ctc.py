@@ -75,14 +75,37 @@ class VocabCTC(nn.Module):
         return loss, skipped
 
     @torch.no_grad()
+    def best_path(
+        self, frames: torch.Tensor, lengths: list[int], vocab: torch.Tensor
+    ) -> list[list[tuple[int, int]]]:
+        """``(frame, token)`` per emitted token of each sample's best path: argmax per frame,
+        the first frame of each run of one token, blanks dropped."""
+        best = self.logits(frames, vocab).argmax(-1).tolist()
+        blank = vocab.shape[0]
+        return [
+            [(j, t) for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
+            for row, n in zip(best, lengths, strict=True)
+        ]
+
     def greedy(
         self, frames: torch.Tensor, lengths: list[int], vocab: torch.Tensor
     ) -> list[list[int]]:
         """Best-path token ids per sample: argmax per frame, repeats merged, blanks dropped."""
-        best = self.logits(frames, vocab).argmax(-1).tolist()
-        blank = vocab.shape[0]
+        return [[t for _, t in path] for path in self.best_path(frames, lengths, vocab)]
+
+    def shrink(
+        self, frames: torch.Tensor, lengths: list[int], vocab: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Each sample's frames at the tokens its best path emits (the first frame of each run;
+        blank frames dropped), so the LLM reads about one vector per token, as it reads text.
+        A sample whose path is empty keeps its least blank-like frame. Gradients flow to the
+        kept frames; which frames are kept is a decision, not differentiated."""
+        paths = self.best_path(frames, lengths, vocab)
         out = []
-        for row, n in zip(best, lengths, strict=True):
-            ids = [t for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
-            out.append(ids)
+        for i, (path, n) in enumerate(zip(paths, lengths, strict=True)):
+            if not path and n > 0:
+                with torch.no_grad():
+                    logp = self.logits(frames[i : i + 1, :n], vocab).log_softmax(-1)
+                path = [(int(logp[0, :, -1].argmin()), -1)]
+            out.append(frames[i, [j for j, _ in path]])
         return out

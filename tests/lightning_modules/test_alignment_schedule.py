@@ -139,3 +139,21 @@ def test_validation_logs_the_ctc_heads_own_wer(tokenizer_dir):
     assert "val/ctc_wer" in metrics and metrics["val/ctc_wer"] >= 0
     texts = m.model.ctc_transcribe(batches()[0])
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_shrinking_model_exports_its_ctc_head_and_decodes_the_same(tokenizer_dir, tmp_path):
+    from mmalign.inference.export import CTC_FILE, export, load_exported
+
+    m = module(tokenizer_dir, ctc_only_steps=1, ctc_weight=0.5, ctc_shrink=True)
+    trainer = fit(m, 2, tmp_path)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    out = export(tmp_path / "m.ckpt", tmp_path / "export")
+    assert (out / CTC_FILE).is_file()
+    torch.manual_seed(0)  # the tiny encoder and LLM are random: rebuild the same frozen weights
+    loaded = load_exported(out)
+    assert loaded.ctc_shrink and loaded.ctc is not None
+    for name, value in m.model.ctc.state_dict().items():
+        torch.testing.assert_close(loaded.ctc.state_dict()[name], value)
+    batch = batches()[0]
+    m.model.eval()
+    assert loaded.generate(batch, max_new_tokens=4) == m.model.generate(batch, max_new_tokens=4)

@@ -112,3 +112,55 @@ def test_model_without_head_refuses(tokenizer_dir):
     assert model.ctc is None
     with pytest.raises(ValueError, match="no CTC head"):
         model.ctc_loss(tiny_batch())
+
+
+def test_shrink_keeps_the_first_frame_of_each_emitted_token():
+    vocab = torch.eye(4)
+    head = VocabCTC(4)
+    with torch.no_grad():
+        head.blank.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+        head.log_scale.zero_()
+    picks = [1, 1, 3, 2, 3, 3, 0]  # 1 1 _ 2 _ _ 0 -> frames 0, 3, 6
+    frames = torch.stack([torch.eye(4)[i] for i in picks])[None].requires_grad_()
+    (kept,) = head.shrink(frames, [7], vocab)
+    torch.testing.assert_close(kept, frames[0, [0, 3, 6]])
+    kept.sum().backward()
+    assert frames.grad[0, [0, 3, 6]].abs().sum() > 0 and frames.grad[0, [1, 2, 4, 5]].sum() == 0
+    (short,) = head.shrink(frames.detach(), [3], vocab)  # 1 1 _ -> frame 0 only
+    assert short.shape == (1, 4)
+
+
+def test_shrink_of_an_all_blank_sample_keeps_its_least_blank_frame():
+    vocab = torch.eye(4)
+    head = VocabCTC(4)
+    with torch.no_grad():
+        head.blank.copy_(torch.tensor([0.0, 0.0, 0.0, 9.0]))
+        head.log_scale.zero_()
+    frames = torch.tensor([[[0.0, 0.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.6], [0.0, 0.0, 0.0, 1.0]]])
+    (kept,) = head.shrink(frames, [3], vocab)
+    torch.testing.assert_close(kept, frames[0, [1]])
+
+
+def test_shrunk_spans_do_not_depend_on_batch_mates(tokenizer_dir):
+    encoder, llm = make_tiny_parts(tokenizer_dir)
+    torch.manual_seed(0)
+    projector = MLPProjector(encoder.dim, llm.hidden_size, rate=2)
+    model = SpeechLLM(encoder, projector, llm, ctc=True, ctc_shrink=True).eval()
+    with torch.no_grad():
+        model.ctc.log_scale.fill_(3.0)  # sharp logits: the path picks many tokens
+    batch = tiny_batch(t=80)
+    spans = model._spans(batch)
+    frames = model.project(batch)["audio"][1].tolist()
+    assert all(2 < len(s) <= n + 2 for s, n in zip(spans, frames, strict=True))
+    assert len({len(s) for s in spans}) > 1 or spans[0].shape[0] < frames[0] + 2
+    for i in range(3):
+        alone = {k: v[i : i + 1] if torch.is_tensor(v) else v[i : i + 1] for k, v in batch.items()}
+        n = int(batch["audio_lengths"][i])
+        alone["audio_features"] = alone["audio_features"][..., :n]
+        torch.testing.assert_close(model._spans(alone)[0], spans[i], rtol=1e-5, atol=1e-5)
+
+
+def test_shrink_needs_a_ctc_head(tokenizer_dir):
+    encoder, llm = make_tiny_parts(tokenizer_dir)
+    with pytest.raises(ValueError, match="ctc_shrink"):
+        SpeechLLM(encoder, MLPProjector(encoder.dim, llm.hidden_size), llm, ctc_shrink=True)
