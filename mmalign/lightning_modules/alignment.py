@@ -119,6 +119,8 @@ class AlignmentModule(L.LightningModule):
         ctc_only_steps: the first this many optimizer steps train the projector with the CTC
             loss alone, without running the LLM (Soundwave's alignment stage; each step costs
             the encoder and projector only); then the LLM loss (plus ``ctc_weight`` x CTC).
+            The adapter has no gradient in those steps: under DDP set the strategy's
+            ``find_unused_parameters: true``.
         projector_warmup_steps: the first this many steps update the projector only (the
             adapter's gradients are dropped), so LoRA starts on inputs that already carry speech.
         ctc_shrink: the LLM reads only the audio frames at which the CTC head emits a token
@@ -685,7 +687,9 @@ class AlignmentModule(L.LightningModule):
         """Log per-rate, per-task and overall figures; ``{prefix}/wer`` is over the
         transcription tasks at the default rate (what checkpoints monitor). With a CTC head,
         ``{prefix}/ctc_wer`` is the WER of its best-path transcripts."""
-        ctc, self._ctc_outputs = _gather(self._ctc_outputs), []
+        ctc, self._ctc_outputs = self._ctc_outputs, []
+        if self.model.ctc is not None:  # every rank has the head: one collective on each
+            ctc = _gather(ctc)
         if ctc:
             m = error_rates([r for r, _ in ctc], [h for _, h in ctc], self.normalizer)
             self.log(f"{prefix}/ctc_wer", m["wer"], rank_zero_only=True)
