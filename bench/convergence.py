@@ -44,6 +44,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "ctc_aux": {**PLAIN, "model.ctc_weight": 0.5},
     "ctc_stage": {**PLAIN, "model.ctc_only_steps": 400},
     "ctc_stage_aux": {**PLAIN, "model.ctc_only_steps": 400, "model.ctc_weight": 0.5},
+    "ctc_shrink": {
+        **PLAIN,
+        "model.ctc_only_steps": 400,
+        "model.ctc_weight": 0.5,
+        "model.ctc_shrink": True,
+    },
     "warmup": {**PLAIN, "model.projector_warmup_steps": 100},
     "pissa": {**PLAIN, "model.llm.init_args.adapter.init_args.init_lora_weights": "pissa"},
     "default": {},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -75,8 +76,9 @@ def test_plan_is_seeded():
 
 
 @pytest.mark.skipif(
-    any(shutil.which(t) is None for t in ("espeak-ng", "sox", "flite", "text2wave")),
-    reason="needs espeak-ng, sox, flite and festival (make system-deps)",
+    any(shutil.which(t) is None for t in ("espeak-ng", "sox", "flite", "text2wave"))
+    or not Path(sent.FORTUNES, "fortunes").is_file(),
+    reason="needs espeak-ng, sox, flite, festival and fortunes (make system-deps)",
 )
 def test_synthesize_writes_16k_audio_for_every_split(tmp_path):
     manifests = sent.synthesize_sentences(tmp_path, n_train=6, n_val=2, n_test=2, n_test_synth=3)
