@@ -492,8 +492,7 @@ class SpeechLLM(nn.Module):
         has taught the projector to say, with no LLM in the loop."""
         if self.ctc is None:
             raise ValueError("this model has no CTC head: build it with ctc=True")
-        encoded = encoded if encoded is not None else self.encode(batch)
-        frames, lengths = self.projector(*encoded["audio"])
+        frames, lengths = self.project(batch, encoded)["audio"]
         vocab = self.llm.model.get_input_embeddings().weight
         ids = self.ctc.greedy(frames, lengths.tolist(), vocab)
         return [self.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
