@@ -36,6 +36,7 @@ PLAIN = {
     "model.ctc_only_steps": 0,
     "model.ctc_weight": 0.0,
     "model.ctc_shrink": False,
+    "model.ctc_embed": False,
     "model.projector_warmup_steps": 0,
 }
 # each arm: the plain recipe plus its overrides ("default" is the config as shipped)
@@ -49,6 +50,13 @@ ARMS: dict[str, dict[str, Any]] = {
         "model.ctc_only_steps": 400,
         "model.ctc_weight": 0.5,
         "model.ctc_shrink": True,
+    },
+    "ctc_embed": {
+        **PLAIN,
+        "model.ctc_only_steps": 400,
+        "model.ctc_weight": 0.5,
+        "model.ctc_shrink": True,
+        "model.ctc_embed": True,
     },
     "warmup": {**PLAIN, "model.projector_warmup_steps": 100},
     "pissa": {**PLAIN, "model.llm.init_args.adapter.init_args.init_lora_weights": "pissa"},

@@ -96,7 +96,9 @@ class SpeechLLM(nn.Module):
     against the LLM's token embeddings (:meth:`ctc_loss`; training schedules it). ``ctc_shrink``
     (Soundwave's shrinking) gives the LLM only the audio frames at which the CTC head emits a
     token: about one vector per spoken token, already near that token's embedding, instead of
-    12.5 frames a second of which most are blanks.
+    12.5 frames a second of which most are blanks. ``ctc_embed`` (LegoSLM) replaces each kept
+    frame by the token embeddings weighted by the head's posterior there, so the frozen LLM reads
+    near-text from its first step.
     """
 
     # SpeechLLM arguments that describe the adapter layout (exports and checkpoints keep them)
@@ -120,6 +122,7 @@ class SpeechLLM(nn.Module):
         prompt_scaling_dim: int = 64,
         ctc: bool = False,
         ctc_shrink: bool = False,
+        ctc_embed: bool = False,
     ) -> None:
         super().__init__()
         _check_widths("projector", projector, encoder, llm)
@@ -181,6 +184,9 @@ class SpeechLLM(nn.Module):
         if ctc_shrink and not ctc:
             raise ValueError("ctc_shrink=True keeps the frames a CTC head picks: set ctc=True")
         self.ctc_shrink = bool(ctc_shrink)
+        if ctc_embed and not ctc_shrink:
+            raise ValueError("ctc_embed=True embeds the frames ctc_shrink keeps: set ctc_shrink=True")
+        self.ctc_embed = bool(ctc_embed)
         self.activate_rate()
 
     @staticmethod
@@ -369,6 +375,8 @@ class SpeechLLM(nn.Module):
                 assert self.ctc is not None
                 vocab = self.llm.model.get_input_embeddings().weight
                 frames = self.ctc.shrink(emb, lengths.tolist(), vocab)
+                if self.ctc_embed:
+                    frames = [self.ctc.embed(f, vocab) for f in frames]
             else:
                 frames = [emb[i, : int(n)] for i, n in enumerate(lengths.tolist())]
             pieces[m] = [torch.cat([begin, f, end]) for f in frames]

@@ -68,6 +68,7 @@ def describe(model: SpeechLLM) -> dict[str, Any]:
             **{k: getattr(model, k) for k in SpeechLLM.ADAPTER_OPTIONS},
             "ctc": model.ctc is not None,
             "ctc_shrink": model.ctc_shrink,
+            "ctc_embed": model.ctc_embed,
         }
     )
 
@@ -120,6 +121,7 @@ def build_from_description(
         **{k: desc[k] for k in SpeechLLM.ADAPTER_OPTIONS if k in desc},
         ctc=bool(desc.get("ctc", False)),
         ctc_shrink=bool(desc.get("ctc_shrink", False)),
+        ctc_embed=bool(desc.get("ctc_embed", False)),
     )
 
 

@@ -126,6 +126,8 @@ class AlignmentModule(L.LightningModule):
         ctc_shrink: the LLM reads only the audio frames at which the CTC head emits a token
             (about one per spoken token) instead of every frame; see :class:`SpeechLLM`. Train
             the head first (``ctc_only_steps``) and keep it learning (``ctc_weight``).
+        ctc_embed: with ``ctc_shrink``, the LLM reads the token embeddings weighted by the CTC
+            head's posterior at each kept frame (LegoSLM) instead of the projector's frame.
 
     Randomness inside a training step (LoRA and projector dropout) is seeded from
     (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
@@ -171,6 +173,7 @@ class AlignmentModule(L.LightningModule):
         ctc_only_steps: int = 0,
         projector_warmup_steps: int = 0,
         ctc_shrink: bool = False,
+        ctc_embed: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("ctc_only_steps", ctc_only_steps),
@@ -207,6 +210,7 @@ class AlignmentModule(L.LightningModule):
             prompt_scaling_dim=prompt_scaling_dim,
             ctc=self.ctc_weight > 0 or ctc_only_steps > 0 or ctc_shrink,
             ctc_shrink=ctc_shrink,
+            ctc_embed=ctc_embed,
         )
         if (task_adapters is not None or prompt_aware_scaling) and llm.adapter is None:
             raise ValueError(

@@ -109,3 +109,11 @@ class VocabCTC(nn.Module):
                 path = [(int(logp[0, :, -1].argmin()), -1)]
             out.append(frames[i, [j for j, _ in path]])
         return out
+
+    def embed(self, frames: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of ``frames [N, H]`` weighted by the head's posterior over tokens
+        (blank excluded), as LegoSLM feeds its LLM: the frozen LLM then reads near-text from the
+        first step instead of learning to read projector frames. Differentiable through the
+        posterior, so the LLM loss still trains the projector."""
+        probs = self.logits(frames[None], vocab)[0, :, :-1].softmax(-1)
+        return (probs @ vocab.float()).to(frames.dtype)

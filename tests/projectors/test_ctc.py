@@ -164,3 +164,32 @@ def test_shrink_needs_a_ctc_head(tokenizer_dir):
     encoder, llm = make_tiny_parts(tokenizer_dir)
     with pytest.raises(ValueError, match="ctc_shrink"):
         SpeechLLM(encoder, MLPProjector(encoder.dim, llm.hidden_size), llm, ctc_shrink=True)
+
+
+def test_embed_reads_the_posterior_weighted_token_embeddings():
+    vocab = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    head = VocabCTC(2)
+    with torch.no_grad():
+        head.log_scale.fill_(4.0)  # sharp: a frame near token 1 reads as token 1's embedding
+    frames = torch.tensor([[0.0, 1.0], [1.0, -1.0]], requires_grad=True)
+    out = head.embed(frames, vocab)
+    torch.testing.assert_close(out, vocab[[1, 0]], atol=1e-3, rtol=0)
+    (out * torch.randn(2, 2)).sum().backward()  # the LLM loss reaches the projector
+    assert frames.grad is not None
+
+
+def test_embedded_spans_are_near_text(tokenizer_dir):
+    encoder, llm = make_tiny_parts(tokenizer_dir)
+    torch.manual_seed(0)
+    projector = MLPProjector(encoder.dim, llm.hidden_size, rate=2)
+    model = SpeechLLM(encoder, projector, llm, ctc=True, ctc_shrink=True, ctc_embed=True).eval()
+    with torch.no_grad():
+        model.ctc.log_scale.fill_(12.0)  # one-hot posteriors: each kept frame is its token
+    vocab = llm.model.get_input_embeddings().weight
+    batch = tiny_batch(t=80)
+    (span, *_) = model._spans(batch)
+    projected, lengths = model.project(batch)["audio"]
+    (ids, *_) = model.ctc.greedy(projected, lengths.tolist(), vocab)
+    torch.testing.assert_close(span[1:-1], vocab[ids], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="ctc_embed"):
+        SpeechLLM(encoder, projector, llm, ctc=True, ctc_embed=True)
