@@ -185,7 +185,7 @@ class SpeechLLM(nn.Module):
             raise ValueError("ctc_shrink=True keeps the frames a CTC head picks: set ctc=True")
         self.ctc_shrink = bool(ctc_shrink)
         if ctc_embed and not ctc_shrink:
-            raise ValueError("ctc_embed=True embeds the frames ctc_shrink keeps: set ctc_shrink=True")
+            raise ValueError("ctc_embed=True embeds the frames ctc_shrink keeps: set ctc_shrink")
         self.ctc_embed = bool(ctc_embed)
         self.activate_rate()
 
