@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from mmalign.components import spec
 from mmalign.data.collate import collate
 from mmalign.data.features import WhisperFeatures
+from mmalign.data.index import INDEX_NAME, ShardInfo, read_index, write_index
 from mmalign.data.pipeline import (
     FEATURES_KEY,
     ShardSet,
@@ -71,7 +72,7 @@ from mmalign.data.pipeline import (
     resolve_shards,
     tar_samples,
 )
-from mmalign.data.shards import INDEX_FORMAT, INDEX_NAME, ShardInfo, SkippedItem, read_index
+from mmalign.data.shards import SkippedItem
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +502,7 @@ def cache_features(
                     seconds += float(sample["duration"])
             if written:
                 os.replace(tmp, target)
-                report.shards.append(ShardInfo(target.name, written, round(seconds, 6)))
+                report.shards.append(ShardInfo.of(target, written, seconds))
             else:
                 tmp.unlink()
     finally:
@@ -626,21 +627,16 @@ class _GroupEncoder:
 
 def _write_index(report: CacheReport, shard_set: ShardSet, sample_rate: int, prefix: str) -> None:
     """index.json as ``mmalign prepare`` writes it, plus the ``cache`` block."""
-    index = {
-        "format": INDEX_FORMAT,
+    fields = {
         "source": report.cache.get("source", str(shard_set.spec)),
         "source_format": "feature-cache",
         "sample_rate": sample_rate,
         "prefix": prefix,
         "video_samples": 0,
         "video_crop": None,
-        "shards": [asdict(s) for s in report.shards],
         "total_samples": report.written,
         "total_seconds": report.total_seconds,
         "skipped": [asdict(s) for s in report.skipped],
         "cache": report.cache,
     }
-    path = report.out_dir / INDEX_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_index(report.out_dir, fields, report.shards)

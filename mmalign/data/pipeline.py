@@ -31,7 +31,10 @@ leave some workers (or ranks) idle, so every slot reads all shards and keeps eve
 *Corrupt data never stops an epoch.* Undecodable audio or video, bad JSON, missing fields and clips
 smaller than the video crop are skipped; each skip logs a warning naming the shard URL and key and
 is counted by the pipeline's :class:`SkipCounter`, in total and per reason (the text before the
-first colon, e.g. ``undecodable video``). DataLoader workers are other processes, so the counter
+first colon, e.g. ``undecodable video``). A shard cut short or damaged counts, when its folder's
+``index.json`` gives its size, every sample it lost (``lost in damaged shard``), not one; the
+index itself is checked against the shards when they are resolved (:mod:`mmalign.data.index`).
+DataLoader workers are other processes, so the counter
 keeps its counts in shared memory (a ``multiprocessing.RawArray`` with one slot per worker,
 created in the main process and inherited by the workers): the data module reads exact totals at
 any time (``ShardDataModule.skipped``, ``skipped_by_reason``), including drops after a worker's
@@ -52,7 +55,7 @@ import random
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
@@ -72,9 +75,11 @@ from mmalign.data.augment import NoiseAugment
 from mmalign.data.batching import DurationBatcher, LLMLength
 from mmalign.data.collate import DEFAULT_TASK, DEFAULT_VIDEO_CROP, Collator
 from mmalign.data.features import WhisperFeatures
-from mmalign.data.shards import INDEX_NAME, read_index, to_mono_rate
+from mmalign.data.index import INDEX_NAME, check_shards, read_index
+from mmalign.data.shards import to_mono_rate
 from mmalign.data.tasks import TaskError, apply_task
 from mmalign.data.video import DEFAULT_VIDEO_FPS, VideoTransform, align_audio, decode_video
+from mmalign.data.writer import PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ SKIP_REASONS = (
     "undecodable audio",
     "empty audio",
     "audio too long",
+    "audio too short",
     "text too long",
     "missing video",
     "undecodable video",
@@ -112,6 +118,7 @@ SKIP_REASONS = (
     "missing features",
     "undecodable features",
     "unreadable shard data",
+    "lost in damaged shard",
     "collate failed",
     "other",
 )
@@ -125,6 +132,7 @@ FILTER_REASONS = frozenset(
         "missing target_lang",
         "missing video",
         "audio too long",
+        "audio too short",
         "text too long",
         "video smaller than crop",
     }
@@ -221,6 +229,15 @@ class SkipCounter:
         self._count("unreadable shard data")
         return True
 
+    def lose(self, n: int, url: str, why: str) -> None:
+        """Record ``n`` samples an index lists for shard ``url`` that never arrived (the shard is
+        cut short or damaged): each counts as read and skipped, so ``max_skip_rate`` weighs a
+        half-lost shard by the samples lost, not as one."""
+        log.warning("shard %s: %s; %d samples lost", url, why, n)
+        for _ in range(n):
+            self.saw()
+            self._count("lost in damaged shard")
+
     def take(self) -> int:
         """Drops since the previous call; resets that count."""
         n, self._unreported = self._unreported, 0
@@ -240,12 +257,14 @@ class SkipCounter:
 
 @dataclass
 class ShardSet:
-    """Resolved shard URLs of one split, with sample counts when an index provides them."""
+    """Resolved shard URLs of one split, with sample counts when an index provides them
+    (``expected``: the samples each listed shard should hold)."""
 
     spec: str
     urls: list[str]
     samples: int | None = None
     seconds: float | None = None
+    expected: dict[str, int] | None = None
 
 
 def _is_remote(spec: str) -> bool:
@@ -253,19 +272,14 @@ def _is_remote(spec: str) -> bool:
 
 
 def _from_index(index_path: Path) -> ShardSet:
-    index = read_index(index_path)
-    shards = index["shards"]
-    if not shards:
-        raise FileNotFoundError(f"{index_path} lists no shards (did prepare write anything?)")
-    urls = [str(index_path.parent / s["path"]) for s in shards]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{index_path}: shards missing on disk: {missing[:3]}")
+    expected = check_shards(index_path)
+    shards = read_index(index_path)["shards"]
     return ShardSet(
         str(index_path),
-        urls,
-        samples=sum(int(s["samples"]) for s in shards),
+        list(expected),
+        samples=sum(expected.values()),
         seconds=sum(float(s["seconds"]) for s in shards),
+        expected=expected,
     )
 
 
@@ -302,6 +316,12 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     if path.is_dir():
         if (path / INDEX_NAME).is_file():
             return _from_index(path / INDEX_NAME)
+        unfinished = sorted(p.name for p in path.glob(f".*{PARTIAL_SUFFIX}"))
+        if unfinished:
+            raise FileNotFoundError(
+                f"{path} has no {INDEX_NAME} but an unfinished prepare ({unfinished[0]}): "
+                "rerun the same prepare command; it resumes"
+            )
         urls = sorted(str(p) for p in path.glob("*.tar"))
     elif path.is_file() and path.suffix == ".json":
         return _from_index(path)
@@ -378,29 +398,63 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.SubsequentHeaderError(f"{where}: {exn or 'file ends'}") from exn
 
 
-def _tar_files(sources: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+def _sample_key(name: str) -> str:
+    """webdataset's sample key of a member name: up to the first dot of its base name."""
+    base = name.rsplit("/", 1)[-1]
+    return name[: len(name) - len(base)] + base.split(".", 1)[0]
+
+
+def _tar_files(
+    sources: Iterable[dict[str, Any]],
+    handler: Any,
+    expected: dict[str, int] | None = None,
+    lose: Callable[[int, str, str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Each opened shard's regular members as ``{"fname", "data", "__url__"}``, then ``{}`` (end
     of shard), as webdataset's ``tar_file_expander``; but damage anywhere in a shard (a bad or
-    truncated header, truncated data) ends the shard with exactly one ``handler`` call."""
+    truncated header, truncated data) ends the shard. A shard ``expected`` lists (its index's
+    count) then reports exactly the samples that never arrived, ``lose(n, url, why)``; any
+    other shard costs one ``handler`` call, since nothing says how much of it is missing."""
+    expected = expected or {}
+    split_shards, slot, _ = _slots(len(expected))
     for source in sources:
         url, stream = source["url"], source["stream"]
+        keys, last = 0, None
+        failure: Exception | None = None
         try:
             with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
                 for info in tar:
                     name = info.name
                     if info.isreg() and not re.match(r"__[^/]*__($|/)", name):  # metadata
-                        yield {"fname": name, "data": tar.extractfile(info).read(), "__url__": url}
+                        data = tar.extractfile(info).read()
+                        if _sample_key(name) != last:
+                            keys, last = keys + 1, _sample_key(name)
+                        yield {"fname": name, "data": data, "__url__": url}
                     tar.members = []
         except Exception as exn:
-            exn.args = (*exn.args, url)
-            if not handler(exn):
-                return
+            failure = exn
+        want = expected.get(url)
+        if want is None or lose is None:
+            if failure is not None:
+                failure.args = (*failure.args, url)
+                if not handler(failure):
+                    return
+        elif keys < want and (split_shards or slot == 0):  # every slot reads a shared shard
+            why = f"cut short or damaged ({failure!r})" if failure else "ends early"
+            lose(want - keys, url, f"{why} after {keys} of {want} samples")
+        elif failure is not None:
+            log.warning("shard %s: damaged after its %d samples: %r", url, keys, failure)
         yield {}
 
 
-def _tar_samples(src: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+def _tar_samples(
+    src: Iterable[dict[str, Any]],
+    handler: Any,
+    expected: dict[str, int] | None = None,
+    lose: Callable[[int, str, str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
     """webdataset's ``tarfile_to_samples`` with :func:`_tar_files`' strict reading."""
-    files = _tar_files(url_opener(src, handler=handler), handler)
+    files = _tar_files(url_opener(src, handler=handler), handler, expected, lose)
     return group_by_keys(files, handler=handler)
 
 
@@ -432,11 +486,13 @@ def decode_sample(
     target_lang: str | None = None,
     max_audio_seconds: float | None = None,
     max_text_chars: int | None = None,
+    min_audio_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Raw tar sample (bytes per extension) to a decoded sample; raises :class:`SampleError`.
 
     ``max_audio_seconds`` and ``max_text_chars`` reject over-long samples (after the task has
-    picked the target text), which would otherwise blow a batch's memory.
+    picked the target text), which would otherwise blow a batch's memory or the encoder's
+    window; ``min_audio_seconds`` rejects clips too short to carry one LLM token.
 
     ``text`` is the target of the sample's task (``task`` overrides the JSON's): the transcript,
     or for translation the ``translation`` into ``target_lang`` (see :mod:`mmalign.data.tasks`);
@@ -474,10 +530,7 @@ def decode_sample(
         sample["video"], sample["video_fps"] = frames, fps
     sample["audio"] = wave
     sample["duration"] = wave.numel() / sample_rate
-    if max_audio_seconds is not None and sample["duration"] > max_audio_seconds:
-        raise SampleError(
-            f"audio too long: {sample['duration']:.1f} s > max_audio_seconds={max_audio_seconds}"
-        )
+    _check_duration(sample["duration"], max_audio_seconds, min_audio_seconds)
     try:
         sample = apply_task(sample, task, target_lang)
     except TaskError as exn:
@@ -489,6 +542,13 @@ def decode_sample(
     return sample
 
 
+def _check_duration(seconds: float, longest: float | None, shortest: float | None) -> None:
+    if longest is not None and seconds > longest:
+        raise SampleError(f"audio too long: {seconds:.1f} s > max_audio_seconds={longest}")
+    if shortest is not None and seconds < shortest:
+        raise SampleError(f"audio too short: {seconds:.3f} s < min_audio_seconds={shortest}")
+
+
 def decode_cached_sample(
     raw: dict[str, Any],
     *,
@@ -496,6 +556,7 @@ def decode_cached_sample(
     target_lang: str | None = None,
     max_audio_seconds: float | None = None,
     max_text_chars: int | None = None,
+    min_audio_seconds: float | None = None,
 ) -> dict[str, Any]:
     """A feature cache's raw sample (see :mod:`mmalign.data.cache`) to a decoded sample with
     ``encoder_features`` (``[T', D]`` as stored) and the JSON's ``duration`` in place of audio;
@@ -512,10 +573,7 @@ def decode_cached_sample(
         raise SampleError(f"undecodable features: {exn}") from exn
     if feats.ndim != 2 or feats.dtype.kind != "f" or feats.shape[0] == 0:
         raise SampleError(f"undecodable features: {feats.dtype} {feats.shape}, not [T, D] float")
-    if max_audio_seconds is not None and duration > max_audio_seconds:
-        raise SampleError(
-            f"audio too long: {duration:.1f} s > max_audio_seconds={max_audio_seconds}"
-        )
+    _check_duration(duration, max_audio_seconds, min_audio_seconds)
     sample: dict[str, Any] = {
         "__key__": raw.get("__key__"),
         "__url__": raw.get("__url__"),
@@ -873,7 +931,9 @@ def build_pipeline(
     mix: Sequence[tuple[MixSource, list[str]]] | None = None,
     max_audio_seconds: float | None = None,
     max_text_chars: int | None = None,
+    min_audio_seconds: float | None = None,
     cached: bool = False,
+    shard_samples: dict[str, int] | None = None,
 ) -> ShardPipeline:
     """The batch stream over ``urls``. ``train`` shuffles shards, samples and batch order;
     otherwise one deterministic pass. ``batches_per_worker`` makes the stream endless (shards are
@@ -887,14 +947,20 @@ def build_pipeline(
     ``require_video`` drops samples without video; ``task`` replaces every sample's task.
     ``mix`` (pairs of :class:`MixSource` and its shard URLs) replaces ``urls`` with several
     shard sets, each decoded with its own task and target language, drawn by weight.
-    ``max_audio_seconds``/``max_text_chars`` skip over-long samples. ``cached`` reads a feature
+    ``max_audio_seconds``/``max_text_chars`` skip over-long samples, ``min_audio_seconds``
+    too short ones. ``cached`` reads a feature
     cache (:mod:`mmalign.data.cache`): batches carry ``encoder_features`` instead of audio, and
-    waveform noise cannot be mixed in.
+    waveform noise cannot be mixed in. ``shard_samples`` (the index's count per shard URL) makes
+    a damaged shard count every sample it lost.
     """
     if cached and train and noise is not None and noise.enabled:
         raise ValueError("build_pipeline: a feature cache has no waveforms to mix noise into")
     counter, state = SkipCounter(), EpochState()
-    limits = {"max_audio_seconds": max_audio_seconds, "max_text_chars": max_text_chars}
+    limits = {
+        "max_audio_seconds": max_audio_seconds,
+        "max_text_chars": max_text_chars,
+        "min_audio_seconds": min_audio_seconds,
+    }
     parts = _SeedParts(state)
 
     def decoded(
@@ -905,7 +971,11 @@ def build_pipeline(
             raise ValueError("build_pipeline needs at least one shard URL per source")
         chain: list[Any] = [
             _ShardSource(source_urls, shuffle=train, seed=src_seed, state=state),
-            tar_samples(handler=counter.handler),
+            tar_samples(
+                handler=counter.handler,
+                expected={u: shard_samples[u] for u in source_urls if u in (shard_samples or {})},
+                lose=counter.lose,
+            ),
             _SampleSplit(len(source_urls)),
         ]
         if train and shuffle_buffer > 1:

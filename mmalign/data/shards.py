@@ -37,7 +37,9 @@ when read (:func:`mmalign.data.video.align_audio`), so ``duration`` is the audio
 Bad items (unreadable or missing audio or video, a crop box outside the frame, empty or missing
 text, invalid JSON lines) never stop a run: each is logged as a warning with its file and line,
 listed in ``index.json`` and counted in the :class:`PrepareReport`. ``index.json`` also lists
-every shard with its sample count and duration; the data module reads it to size epochs.
+every shard with its sample count, duration, size and checksum (:mod:`mmalign.data.index`); the
+data module checks the shards against it and sizes epochs from it. Output is written beside the
+old and swapped in when complete, and a killed run resumes (:mod:`mmalign.data.writer`).
 
 A path that resolves outside ``root`` (default: the manifest's folder; ``..``, absolute paths
 and symlinks all count) is not a bad item but a refused manifest: :class:`PathOutsideRootError`
@@ -47,12 +49,14 @@ from elsewhere must not make ``prepare`` copy arbitrary files into shards.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,15 +66,14 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
-import webdataset as wds
 from tqdm.auto import tqdm
 
+from mmalign.data.index import INDEX_NAME, ShardInfo
 from mmalign.data.video import Box, decode_video
+from mmalign.data.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "mmalign-shards/1"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif", ".au")
 FORMATS = ("auto", "manifest", "folder", "covost", "mustc")
 # A segment may end this far past the end of its file (rounded offsets and durations): it is
@@ -91,15 +94,6 @@ class SkippedItem:
         return f"{where}: {self.reason}"
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    """One written shard: path relative to the output folder, sample count, seconds of audio."""
-
-    path: str
-    samples: int
-    seconds: float
-
-
 @dataclass
 class PrepareReport:
     """What :func:`prepare` wrote and what it skipped. ``ok`` is false when nothing was written."""
@@ -110,6 +104,8 @@ class PrepareReport:
     total_seconds: float = 0.0
     out_dir: Path | None = None
     index_path: Path | None = None
+    out_of_range: list[SkippedItem] = field(default_factory=list)
+    resumed_shards: int = 0
 
     @property
     def ok(self) -> bool:
@@ -118,10 +114,18 @@ class PrepareReport:
 
     def summary(self) -> str:
         """One line for a terminal."""
-        return (
+        line = (
             f"wrote {self.written} samples ({self.total_seconds / 3600:.2f} h) in "
-            f"{len(self.shards)} shards to {self.out_dir}; skipped {len(self.skipped)}"
+            f"{len(self.shards)} shard(s) to {self.out_dir}; skipped {len(self.skipped)}"
         )
+        if self.resumed_shards:
+            line += f"; resumed after {self.resumed_shards} finished shard(s)"
+        if self.out_of_range:
+            line += (
+                f"; kept {len(self.out_of_range)} outside the length limits (listed in "
+                f"{INDEX_NAME} 'out_of_range'; --out_of_range drop leaves them out)"
+            )
+        return line
 
 
 @dataclass
@@ -252,8 +256,14 @@ def _manifest_items(
 ) -> list[_Item]:
     items: list[_Item] = []
     base = manifest.parent
-    with open(manifest, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(manifest, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exn:
+                bad = raw[exn.start : exn.start + 1].hex()
+                _skip(skipped, str(manifest), lineno, f"not UTF-8 (byte 0x{bad} at {exn.start})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -355,16 +365,38 @@ def _folder_items(folder: Path, skipped: list[SkippedItem]) -> list[_Item]:
 
 
 def _skip(skipped: list[SkippedItem], source: str, line: int | None, reason: str) -> None:
+    skipped.append(_skip_item(source, line, reason))
+
+
+def _skip_item(source: str, line: int | None, reason: str) -> SkippedItem:
     item = SkippedItem(source, line, reason)
     log.warning("skipping %s", item)
-    skipped.append(item)
+    return item
+
+
+def _not_a_file(path: Path | None) -> str | None:
+    """Why ``path`` cannot be read as a media file, or None. A FIFO or device would block or
+    never end, so only regular files are read."""
+    if path is None or not os.path.lexists(path):
+        return "file not found"
+    try:
+        mode = path.stat().st_mode
+    except OSError as exn:
+        return f"unreadable ({exn.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        kind = "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "special file"
+        return f"is a {kind}, not a regular file"
+    return None
 
 
 def _read_item(item: _Item, sample_rate: int) -> tuple[torch.Tensor, str]:
     if not isinstance(item.text, str) or not item.text.strip():
         raise _SkipItem("empty or missing text")
-    if item.audio is None or not item.audio.is_file():
-        raise _SkipItem(f"audio file not found: {item.audio}")
+    problem = _not_a_file(item.audio)
+    if problem:
+        raise _SkipItem(f"audio {problem}: {item.audio}")
     try:
         wave = load_audio(item.audio, sample_rate, offset=item.offset, duration=item.duration)
     except SegmentError as exn:
@@ -382,8 +414,9 @@ def _read_video(item: _Item, crop: Box | None, default_fps: float) -> tuple[np.n
     """uint8 ``T x H x W`` frames of the item's video (gray, cropped) and its frame rate."""
     path = item.video
     assert path is not None
-    if not path.is_file():
-        raise _SkipItem(f"video file not found: {path}")
+    problem = _not_a_file(path)
+    if problem:
+        raise _SkipItem(f"video {problem}: {path}")
     try:
         frames, found_fps = decode_video(path.read_bytes(), path.suffix, box=crop)
     except (OSError, ValueError) as exn:
@@ -498,15 +531,19 @@ def prepare(
     target_lang: str | None = None,
     clips: str | Path | None = None,
     root: str | Path | None = None,
+    min_seconds: float = 0.1,
+    max_seconds: float | None = 30.0,
+    out_of_range: str = "keep",
 ) -> PrepareReport:
     """Write ``source`` (JSONL manifest, audio+``.txt`` folder, CoVoST 2 TSV or MuST-C folder)
     as webdataset shards.
 
     Shards are named ``{prefix}-000000.tar`` ... in ``out_dir`` and hold at most
     ``shard_max_bytes`` bytes (the shard is closed once it reaches the cap, so one sample may go
-    over it) and at most ``shard_max_count`` samples. Older shards with the same prefix in
-    ``out_dir`` are removed first so that globs never mix two runs. Returns a report; its ``ok``
-    is false when nothing could be written.
+    over it) and at most ``shard_max_count`` samples. They are written beside the old output and
+    swapped in when complete, ``index.json`` last; a killed run leaves the old output whole and
+    the same command resumes it (:mod:`mmalign.data.writer`). Returns a report; its ``ok`` is
+    false when nothing could be written.
 
     Manifest items with a ``video`` path also get ``<key>.npy`` (uint8 T x H x W grayscale).
     ``video_fps`` is their frame rate when neither the manifest line (``video_fps``) nor the
@@ -520,6 +557,12 @@ def prepare(
     ``split`` chooses the MuST-C split (or the rows of a combined CoVoST TSV), ``source_lang``
     and ``target_lang`` the languages when the file or folder name does not tell them.
 
+    Clips shorter than ``min_seconds`` or longer than ``max_seconds`` (Whisper's 30 s window;
+    None: no upper limit) are kept and listed (``out_of_range="keep"``: training skips and counts
+    what its encoder cannot read, evaluate and transcribe chunk long audio) or skipped
+    (``"drop"``). They are not split: cutting a transcribed utterance at a silence needs to know
+    which words fall on which side, which a transcript without timings does not tell.
+
     Every ``audio``/``video`` path a manifest lists must resolve (``..`` and symlinks followed)
     inside ``root``, default the manifest's folder (a CoVoST TSV's clips folder, the MuST-C
     folder); otherwise :class:`PathOutsideRootError` names the file, line and field before
@@ -531,6 +574,15 @@ def prepare(
         raise FileNotFoundError(f"prepare: source {source} does not exist")
     if not _positive_number(video_fps):
         raise ValueError(f"prepare: video_fps must be a positive number, got {video_fps!r}")
+    if out_of_range not in ("keep", "drop"):
+        raise ValueError(f"prepare: out_of_range must be 'keep' or 'drop', got {out_of_range!r}")
+    if not (_positive_number(min_seconds) or _is_zero(min_seconds)) or not (
+        max_seconds is None or (_positive_number(max_seconds) and max_seconds > min_seconds)
+    ):
+        raise ValueError(
+            f"prepare: need 0 <= min_seconds < max_seconds, got min_seconds={min_seconds!r}, "
+            f"max_seconds={max_seconds!r}"
+        )
     box = _check_crop(crop)
     fmt = _resolve_format(source, format)
     corpus_options = {"split": split, "source_lang": source_lang, "target_lang": target_lang}
@@ -542,77 +594,55 @@ def prepare(
     if prefix != sanitize_key(prefix):
         raise ValueError(f"prepare: prefix {prefix!r} must be letters, digits, '-' or '_'")
     report = PrepareReport(out_dir=out, index_path=out / INDEX_NAME)
-    # read first: a corpus that cannot be read at all raises before old shards are removed
+    # read first: a corpus that cannot be read at all raises before anything is written
     if fmt == "folder":
         items = _folder_items(source, report.skipped)
     elif fmt == "manifest":
         items = _manifest_items(source, report.skipped, root)
     else:
         items = _corpus_items(source, fmt, report.skipped, clips=clips, root=root, **corpus_options)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{prefix}-*.tar"):
-        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", old.name):
-            log.warning("removing old shard %s", old)
-            old.unlink()
-
-    pattern = str(out / f"{prefix}-%06d.tar").replace("%", "%%").replace("%%06d", "%06d")
-    writer: wds.ShardWriter | None = None
-    per_shard: dict[str, list[float]] = {}
-    videos = 0
-    try:
-        for item, key in tqdm(
-            _unique_keys(items), total=len(items), disable=not progress, desc="prepare"
-        ):
-            try:
-                wave, text = _read_item(item, sample_rate)
-                video = None if item.video is None else _read_video(item, box, video_fps)
-            except _SkipItem as why:
-                _skip(report.skipped, item.source, item.line, str(why))
-                continue
-            duration = wave.numel() / sample_rate
-            meta = {
-                **item.extra,
-                "text": text,
-                "duration": round(duration, 6),
-                "sample_rate": sample_rate,
-                "source": str(item.audio),
-            }
-            if item.offset is not None:
-                meta["offset"] = item.offset
-            members: dict[str, bytes] = {"flac": encode_flac(wave, sample_rate)}
-            if video is not None:
-                frames, fps = video
-                meta.update(
-                    video_fps=fps, video_frames=int(frames.shape[0]), video_source=str(item.video)
-                )
-                members["npy"] = encode_npy(frames)
-                videos += 1
-            if writer is None:  # opened lazily: an all-bad corpus leaves no empty tar behind
-                writer = wds.ShardWriter(
-                    pattern,
-                    maxcount=shard_max_count or 10**12,
-                    maxsize=shard_max_bytes,
-                    verbose=0,
-                )
-            writer.write(
-                {
-                    "__key__": key,
-                    **members,
-                    "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-                }
-            )
-            per_shard.setdefault(str(writer.fname), []).append(duration)
-    finally:
-        if writer is not None:
-            writer.close()
-
-    for fname, durations in per_shard.items():
-        report.shards.append(
-            ShardInfo(Path(fname).name, len(durations), round(float(sum(durations)), 6))
-        )
+    keyed = list(_unique_keys(items))
+    options = {
+        "sample_rate": sample_rate,
+        "shard_max_bytes": shard_max_bytes,
+        "shard_max_count": shard_max_count,
+        "video_fps": video_fps,
+        "crop": box,
+        "limits": [min_seconds, max_seconds, out_of_range],
+    }
+    writer = ShardWriter(
+        out,
+        prefix,
+        shard_max_bytes,
+        shard_max_count,
+        _fingerprint(keyed, options),
+        notes={"skipped": [], "out_of_range": [], "videos": 0},
+    )
+    report.resumed_shards = writer.resumed
+    limits = (min_seconds, max_seconds, out_of_range)
+    if not writer.complete:
+        _write_items(keyed, writer, sample_rate, box, video_fps, limits, progress)
+        writer.finish(len(keyed))
+    report.skipped += [SkippedItem(**d) for d in writer.notes["skipped"]]
+    report.out_of_range = [SkippedItem(**d) for d in writer.notes["out_of_range"]]
+    report.shards = list(writer.shards)
     report.written = sum(s.samples for s in report.shards)
     report.total_seconds = round(sum(s.seconds for s in report.shards), 6)
-    _write_index(report, source, sample_rate, prefix, videos=videos, crop=box, source_format=fmt)
+    writer.publish(
+        {
+            "source": str(source),
+            "source_format": fmt,
+            "sample_rate": sample_rate,
+            "prefix": prefix,
+            "video_samples": writer.notes["videos"],
+            "video_crop": list(box) if box is not None else None,
+            "total_samples": report.written,
+            "total_seconds": report.total_seconds,
+            "skipped": [asdict(s) for s in report.skipped],
+            "length_limits": {"min_seconds": min_seconds, "max_seconds": max_seconds},
+            "out_of_range": [asdict(s) for s in report.out_of_range],
+        }
+    )
     if report.ok:
         log.info(report.summary())
     else:
@@ -622,41 +652,78 @@ def prepare(
     return report
 
 
-def _write_index(
-    report: PrepareReport,
-    source: Path,
+def _fingerprint(keyed: list[tuple[_Item, str]], options: dict[str, Any]) -> str:
+    """What a resumed run must share with the interrupted one: options, items and the size and
+    time of every file they read."""
+
+    def stat(path: Path | None) -> list[int] | None:
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:
+            return None
+        return None if st is None else [st.st_size, st.st_mtime_ns]
+
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for item, key in keyed:
+        row = [key, str(item.audio), stat(item.audio), str(item.video), stat(item.video)]
+        row += [item.text, item.extra, item.offset, item.duration, item.video_fps]
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _write_items(
+    keyed: list[tuple[_Item, str]],
+    writer: ShardWriter,
     sample_rate: int,
-    prefix: str,
-    videos: int = 0,
-    crop: Box | None = None,
-    source_format: str | None = None,
+    box: Box | None,
+    video_fps: float,
+    limits: tuple[float, float | None, str],
+    progress: bool,
 ) -> None:
-    assert report.index_path is not None
-    index = {
-        "format": INDEX_FORMAT,
-        "source": str(source),
-        "source_format": source_format,
-        "sample_rate": sample_rate,
-        "prefix": prefix,
-        "video_samples": videos,
-        "video_crop": list(crop) if crop is not None else None,
-        "shards": [asdict(s) for s in report.shards],
-        "total_samples": report.written,
-        "total_seconds": report.total_seconds,
-        "skipped": [asdict(s) for s in report.skipped],
-    }
-    tmp = report.index_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, report.index_path)
-
-
-def read_index(path: str | Path) -> dict[str, Any]:
-    """Load an ``index.json`` (or the one inside a shard folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / INDEX_NAME
-    with open(path, encoding="utf-8") as fh:
-        index = json.load(fh)
-    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{path} is not a shard index (no 'shards' list)")
-    return index
+    """Read, check and write every item from ``writer.next_item`` on."""
+    min_seconds, max_seconds, policy = limits
+    notes = writer.notes
+    start = writer.next_item
+    bar = tqdm(total=len(keyed), initial=start, disable=not progress, desc="prepare")
+    for pos in range(start, len(keyed)):
+        item, key = keyed[pos]
+        bar.update(1)
+        try:
+            wave, text = _read_item(item, sample_rate)
+            video = None if item.video is None else _read_video(item, box, video_fps)
+        except _SkipItem as why:
+            notes["skipped"].append(asdict(_skip_item(item.source, item.line, str(why))))
+            continue
+        duration = wave.numel() / sample_rate
+        if duration < min_seconds or (max_seconds is not None and duration > max_seconds):
+            limit = (
+                f"min_seconds={min_seconds}"
+                if duration < min_seconds
+                else (f"max_seconds={max_seconds}")
+            )
+            why = f"{item.audio} ({key}) lasts {duration:.2f} s, outside {limit}"
+            if policy == "drop":
+                notes["skipped"].append(asdict(_skip_item(item.source, item.line, why)))
+                continue
+            log.warning("prepare: keeping %s:%s: %s", item.source, item.line, why)
+            notes["out_of_range"].append(asdict(SkippedItem(item.source, item.line, why)))
+        meta = {
+            **item.extra,
+            "text": text,
+            "duration": round(duration, 6),
+            "sample_rate": sample_rate,
+            "source": str(item.audio),
+        }
+        if item.offset is not None:
+            meta["offset"] = item.offset
+        members: dict[str, bytes] = {"flac": encode_flac(wave, sample_rate)}
+        if video is not None:
+            frames, fps = video
+            meta.update(
+                video_fps=fps, video_frames=int(frames.shape[0]), video_source=str(item.video)
+            )
+            members["npy"] = encode_npy(frames)
+            notes["videos"] += 1
+        sample = {"__key__": key, **members, "json": json.dumps(meta, ensure_ascii=False).encode()}
+        writer.write(sample, duration, pos + 1)
+    bar.close()

@@ -412,3 +412,120 @@ def check_epoch(corpus: Corpus, num_workers: int) -> None:
 def test_fuzz_epoch(corpus: Corpus, num_workers: int) -> None:
     """The epoch ends, good samples are used once each, bad ones are counted by reason."""
     check_epoch(corpus, num_workers)
+
+
+# ------------------------------------------------------------------------------ indexed shards
+# With an index.json (as prepare writes it), a cut shard costs exactly the samples it lost: its
+# surviving samples are read, the index's count says how many never arrived. Each shard of this
+# corpus is cut at one member boundary (0 bytes kept ... all members kept, end-of-archive blocks
+# lost), so every boundary is covered; a cut after a sample's FLAC leaves a sample without JSON.
+
+PER_CUT_SHARD = 4
+LOST = "lost in damaged shard"
+
+
+def write_indexed(folder: Path, shards: dict[str, tuple[bytes, bytes, int]]) -> None:
+    """Write ``name -> (full tar, bytes on disk, samples)`` and an index of the full tars."""
+    import hashlib
+
+    from mmalign.data.index import ShardInfo, write_index
+
+    folder.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for name, (full, on_disk, samples) in shards.items():
+        (folder / name).write_bytes(on_disk)
+        infos.append(ShardInfo(name, samples, 1.0, len(full), hashlib.sha256(full).hexdigest()))
+    write_index(folder, {"source": "fuzz"}, infos)
+
+
+def member_headers(data: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+def build_cut_corpus(folder: Path, seed: int = SEED) -> tuple[set[str], dict[str, int]]:
+    """(good keys, expected skips per reason) of shards cut at every member boundary."""
+    rng = random.Random(seed)
+    samples = [(f"c-{i}", plain_sample(rng)) for i in range(PER_CUT_SHARD)]
+    full, _ = write_tar(samples)
+    headers = member_headers(full)
+    cuts = [*headers, headers[-1] + 512 + len(samples[-1][1][-1][1])]  # ... end of last member
+    good: set[str] = set()
+    expected: Counter[str] = Counter()
+    shards = {}
+    for n, cut in enumerate(cuts):  # n members survive
+        renamed = [(f"s{n}-{k}", m) for k, m in samples]
+        data, _ = write_tar(renamed)
+        shards[f"cut-{n:02d}.tar"] = (data, data[:cut], PER_CUT_SHARD)
+        good |= {key for key, _ in renamed[: n // 2]}
+        expected[LOST] += PER_CUT_SHARD - (n + 1) // 2
+        expected["missing json"] += n % 2
+    write_indexed(folder, shards)
+    return good, {k: v for k, v in expected.items() if v}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cut_at_every_member_boundary_loses_exactly_the_missing_samples(tmp_path, num_workers):
+    good, expected = build_cut_corpus(tmp_path / "cut")
+    keys, by_reason, total = read_epoch(tmp_path / "cut", num_workers)
+    assert sorted(keys) == sorted(good)
+    assert by_reason == expected
+    assert total == (2 * PER_CUT_SHARD + 1) * PER_CUT_SHARD - len(good)
+
+
+def test_a_shared_cut_shard_is_counted_once_when_workers_split_its_samples(tmp_path):
+    rng = random.Random(SEED)
+    samples = [(f"k{i}", plain_sample(rng)) for i in range(6)]
+    full, headers = write_tar(samples)
+    write_indexed(tmp_path / "one", {"only.tar": (full, full[: headers["k4"]], 6)})
+    keys, by_reason, _ = read_epoch(tmp_path / "one", num_workers=2)  # both workers read it
+    assert sorted(keys) == [f"k{i}" for i in range(4)]
+    assert by_reason == {LOST: 2}
+
+
+def _mismatch(folder: Path, kind: str) -> None:
+    from mmalign.data.index import INDEX_NAME
+
+    rng = random.Random(SEED)
+    full, _ = write_tar([(f"m{i}", plain_sample(rng)) for i in range(5)])
+    write_indexed(folder, {"a.tar": (full, full, 5), "b.tar": (full, full, 5)})
+    index = json.loads((folder / INDEX_NAME).read_text())
+    if kind == "count edited":
+        index["shards"][1]["samples"] = 3
+    elif kind == "shard replaced by a larger one":
+        (folder / "b.tar").write_bytes(full + bytes(10240))
+    elif kind == "shard missing":
+        (folder / "b.tar").unlink()
+    elif kind == "undercount, no sizes":
+        for entry in index["shards"]:
+            entry.pop("bytes"), entry.pop("sha256")
+        index.pop("shards_sha256")
+        index["shards"][1]["samples"] = 3
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("count edited", "does not match its checksum"),
+        ("shard replaced by a larger one", r"b.tar: \d+ bytes but .* lists \d+: not the shard"),
+        ("shard missing", "shard b.tar is missing"),
+        ("undercount, no sizes", "b.tar: holds 5 samples but .* lists 3"),
+    ],
+)
+def test_an_index_that_disagrees_with_its_shards_is_refused_at_start_up(tmp_path, kind, message):
+    _mismatch(tmp_path / "m", kind)
+    with pytest.raises(FileNotFoundError, match=message):
+        ShardDataModule(train=str(tmp_path / "m"))
+
+
+def test_an_overcounting_index_without_sizes_counts_the_samples_that_never_came(tmp_path):
+    from mmalign.data.index import INDEX_NAME
+
+    folder = tmp_path / "over"
+    _mismatch(folder, "undercount, no sizes")
+    index = json.loads((folder / INDEX_NAME).read_text())
+    index["shards"][1]["samples"] = 8  # three more than the shard holds
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    keys, by_reason, total = read_epoch(folder, num_workers=0)
+    assert len(keys) == 10 and by_reason == {LOST: 3} and total == 3
