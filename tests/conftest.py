@@ -317,3 +317,50 @@ def write_translation_shards(root: Path, n: int) -> Path:
     (root / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert prepare(root / "m.jsonl", root / "shards", progress=False).ok
     return root / "shards"
+
+
+def make_tiny_export(
+    out: Path, tokenizer_dir: Path, window_seconds: float = 3.0, rate: int = 4
+) -> Path:
+    """An ``mmalign export`` folder of a random tiny model whose Whisper window is only
+    ``window_seconds`` (so "longer than the window" costs seconds of audio, not minutes) and
+    whose projector stacks ``rate`` frames a token (the shortest decodable clip is rate / 50 s)."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from mmalign.encoders.whisper import WhisperEncoder
+    from mmalign.inference.export import CONFIG_NAME, describe
+    from mmalign.llm.load import CausalLM
+    from mmalign.model import SpeechLLM
+    from mmalign.projectors.mlp import MLPProjector
+
+    torch.manual_seed(0)
+    config = {**tiny_whisper_config(), "max_source_positions": int(window_seconds * 50)}
+    encoder = WhisperEncoder(source="random", config=config)
+    llm = CausalLM(
+        "random",
+        adapter=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        tokenizer=str(tokenizer_dir),
+        config=tiny_llm_config(),
+    )
+    model = SpeechLLM(encoder, MLPProjector(encoder.dim, llm.hidden_size, rate=rate), llm)
+    out.mkdir(parents=True, exist_ok=True)
+    model.llm.model.save_pretrained(out / "adapter")
+    save_file(
+        {k: v.contiguous() for k, v in model.projector.state_dict().items()},
+        out / "projector.safetensors",
+    )
+    (out / CONFIG_NAME).write_text(json.dumps(describe(model)))
+    return out
+
+
+def write_tone(path: Path, seconds: float, freq: float = 300.0, amplitude: float = 0.3) -> Path:
+    """A 16 kHz mono tone (amplitude 0: silence) of ``seconds``."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(round(16000 * seconds))) / 16000
+    sf.write(path, (amplitude * np.sin(2 * np.pi * freq * t)).astype("float32"), 16000)
+    return path

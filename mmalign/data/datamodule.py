@@ -126,8 +126,11 @@ class ShardDataModule(L.LightningDataModule):
         babble_speakers: Utterances summed into one babble.
         task: Replaces every sample's task in every split (e.g. ``vsr`` to train a video-only
             model on an audio-visual corpus); None keeps the shards' own.
-        max_audio_seconds: Skip (and count) samples longer than this; None: no limit.
+        max_audio_seconds: Skip (and count) samples longer than this; None: the encoder's
+            window (Whisper: 30 s; no limit for encoders without one). Longer is an error.
         max_text_chars: Skip (and count) samples whose target text is longer; None: no limit.
+        min_audio_seconds: Skip (and count) shorter samples; None: the audio of one LLM token
+            (the encoder's frame rate times the projector's rate).
         sampling: Training stream: ``resampled`` (endless, fixed epoch length) or ``exact``
             (each sample once per epoch; ranks pad to the same number of steps).
         max_skip_rate: Stop with an error when more than this share of the samples read in a
@@ -175,6 +178,7 @@ class ShardDataModule(L.LightningDataModule):
         task: str | None = None,
         max_audio_seconds: float | None = None,
         max_text_chars: int | None = None,
+        min_audio_seconds: float | None = None,
         sampling: str = "resampled",
         max_skip_rate: float | None = 0.1,
         skip_rate_min_samples: int = 200,
@@ -207,6 +211,9 @@ class ShardDataModule(L.LightningDataModule):
         self.sampling = sampling
         self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
         self.max_audio_seconds, self.max_text_chars = max_audio_seconds, max_text_chars
+        if min_audio_seconds is not None and not min_audio_seconds >= 0:
+            raise ValueError(f"data.min_audio_seconds={min_audio_seconds!r} must be >= 0")
+        self.min_audio_seconds = min_audio_seconds
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
@@ -284,7 +291,7 @@ class ShardDataModule(L.LightningDataModule):
         """Resolve every source of a mixture; the split's counts are the sources' sums."""
         if not sources:
             raise ValueError(f"ShardDataModule {split}: an empty list of sources")
-        mix, urls, samples, seconds = [], [], 0, 0.0
+        mix, urls, samples, seconds, expected = [], [], 0, 0.0, {}
         for i, src in enumerate(sources):
             src = MixSource(**src) if isinstance(src, dict) else src
             try:
@@ -294,11 +301,12 @@ class ShardDataModule(L.LightningDataModule):
                     f"ShardDataModule {split}[{i}].shards={src.shards!r}: {exn}"
                 ) from exn
             mix.append((src, found.urls))
+            expected.update(found.expected or {})
             urls += found.urls
             samples = None if samples is None or found.samples is None else samples + found.samples
             seconds = None if seconds is None or found.seconds is None else seconds + found.seconds
         self.mixes[split] = mix
-        return ShardSet(f"{split} mixture", urls, samples, seconds)
+        return ShardSet(f"{split} mixture", urls, samples, seconds, expected or None)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
@@ -366,6 +374,26 @@ class ShardDataModule(L.LightningDataModule):
         pipe.state.resume = self._resume
 
     # ---------------------------------------------------------------- public helpers
+    def limit_audio_to(
+        self, window: float | None, encoder: str = "the encoder", shortest: float | None = None
+    ) -> None:
+        """Fit ``max_audio_seconds`` to an encoder window (seconds, None: none) and, when unset,
+        ``min_audio_seconds`` to ``shortest``; call it before any pipeline is built
+        (``AlignmentModule.setup`` does). Unset, longer samples are skipped and counted ("audio
+        too long") rather than crashing a step; set longer than the window, it is an error."""
+        if self.min_audio_seconds is None and shortest is not None:
+            self.min_audio_seconds = float(shortest)
+        if window is None:
+            return
+        if self.max_audio_seconds is None:
+            self.max_audio_seconds = float(window)
+        elif self.max_audio_seconds > window:
+            raise ValueError(
+                f"data.max_audio_seconds={self.max_audio_seconds:g} is longer than {encoder}'s "
+                f"{window:g} s window, which cannot encode such samples: set it to at most "
+                f"{window:g}, or leave it unset to skip and count longer samples"
+            )
+
     def num_samples(self, split: str) -> int | None:
         """Samples in ``split`` according to its index (None when no index covers it)."""
         self._check_split(split)
@@ -432,7 +460,9 @@ class ShardDataModule(L.LightningDataModule):
                 mix=self.mixes.get(split),
                 max_audio_seconds=self.max_audio_seconds,
                 max_text_chars=self.max_text_chars,
+                min_audio_seconds=self.min_audio_seconds,
                 cached=split in self.caches,
+                shard_samples=self.shard_sets[split].expected,
             )
             if train:
                 self._apply_resume(pipe)

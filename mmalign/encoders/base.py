@@ -88,6 +88,12 @@ class Encoder(nn.Module):
         """Every batch key ``encode_batch`` reads (the data module can check it provides them)."""
         return (self.input_key, self.lengths_key)
 
+    @property
+    def max_seconds(self) -> float | None:
+        """Longest input it can encode in one piece, in seconds; None: no fixed window. Training
+        skips longer samples, ``evaluate``/``transcribe`` cut them into chunks."""
+        return None
+
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Pick this encoder's inputs out of a batch; encoders with several inputs override it."""
         for key in (self.input_key, self.lengths_key):

@@ -80,6 +80,12 @@ class DualEncoder(Encoder):
         keys = (*self.first.input_keys, *self.second.input_keys)
         return tuple(dict.fromkeys(keys))
 
+    @property
+    def max_seconds(self) -> float | None:
+        """The shorter window of the two (None when neither has one)."""
+        windows = [w for w in (self.first.max_seconds, self.second.max_seconds) if w is not None]
+        return min(windows) if windows else None
+
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Each encoder reads its own keys (e.g. ``audio_features`` and ``audio``)."""
         pairs = [self._inputs(enc, batch) for enc in (self.first, self.second)]

@@ -108,6 +108,11 @@ class WhisperEncoder(Encoder):
         if freeze:
             self.lock()
 
+    @property
+    def max_seconds(self) -> float:
+        """The window: ``max_frames`` log-mel frames at Whisper's 100 a second (30 s)."""
+        return self.max_frames / 100.0
+
     def forward(self, inputs: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """inputs [B, n_mels, T] log-mel, lengths [B] valid frames -> ([B, ceil(T/2), D], [B])."""
         if inputs.dim() != 3 or inputs.shape[1] != self.n_mels:

@@ -11,6 +11,12 @@ Outputs in ``--out``: ``metrics.json`` (every figure plus what produced it: mode
 sha256, normaliser, decoding options, noise, library versions), ``report.md``, PNG plots for
 sweeps with more than one point, and ``utterances.jsonl`` (per utterance and condition, worst
 first within each condition). See :mod:`mmalign.eval.report`.
+
+Lengths: an utterance longer than the encoder's window (Whisper: 30 s) is cut into chunks and
+decoded as ``mmalign transcribe`` decodes a long file (:func:`decode_chunked`), its hypothesis
+being the joined chunk transcripts; one that carries video is skipped instead (clips are not
+chunked), and so is one shorter than the audio of one LLM token (:func:`min_seconds`). Each is
+named with its key, duration and reason in ``metrics.json`` (``data.lengths``) and the report.
 """
 
 from __future__ import annotations
@@ -45,15 +51,19 @@ from mmalign.inference.audio import (
     resolve_path,
     with_video,
 )
+from mmalign.inference.chunking import Chunk, chunk_bounds
 from mmalign.inference.decode import (
     DecodeOptions,
     add_decoding_arguments,
+    decode_chunked,
     decode_options,
-    decode_samples,
     features_for,
     load_model,
+    min_seconds,
     select_rates,
+    too_short,
     use_rate,
+    window_seconds,
 )
 from mmalign.model import SpeechLLM
 
@@ -82,7 +92,8 @@ LIBRARIES = (
 def read_shard_samples(
     spec: str | Path, sample_rate: int = 16000, limit: int | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Decoded samples of shards (in shard order) and a reason for each one skipped."""
+    """Decoded samples of shards (in shard order) and a reason for each one skipped (each
+    sample a damaged shard lost, when its index says how many)."""
     shards = resolve_shards(spec)
     skipped: list[str] = []
 
@@ -91,7 +102,12 @@ def read_shard_samples(
         skipped.append(f"unreadable shard data: {exn!r}")
         return True
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.urls), tar_samples(handler=handler))
+    def lose(n: int, url: str, why: str) -> None:
+        log.warning("shard %s: %s; %d samples lost", url, why, n)
+        skipped.extend([f"{url}: lost in damaged shard ({why})"] * n)
+
+    reader = tar_samples(handler=handler, expected=shards.expected, lose=lose)
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.urls), reader)
     samples: list[dict[str, Any]] = []
     for raw in pipeline:
         try:
@@ -245,6 +261,74 @@ def parse_snrs(values: Sequence[str | float | None] | None) -> list[float | None
     return list(dict.fromkeys(out))
 
 
+def chunk_settings(
+    window: float | None, chunk_seconds: float | None, overlap_seconds: float | None
+) -> tuple[float | None, float]:
+    """Chunk length and overlap for long utterances: by default the encoder's window (at most
+    30 s, like ``transcribe``) and a tenth of it (at most 2 s); None chunk when nothing bounds
+    the length. Values the window cannot take are refused."""
+    if chunk_seconds is None:
+        chunk_seconds = None if window is None else min(30.0, window)
+    elif window is not None and chunk_seconds > window:
+        raise ValueError(
+            f"chunk_seconds={chunk_seconds} exceeds the encoder window of {window:g} s"
+        )
+    if chunk_seconds is None:
+        return None, 0.0
+    if overlap_seconds is None:
+        overlap_seconds = min(2.0, chunk_seconds / 10)
+    chunk_bounds(1, 16000, chunk_seconds, overlap_seconds)  # bad values fail here
+    return chunk_seconds, overlap_seconds
+
+
+def apply_length_policy(
+    model: SpeechLLM, samples: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The samples to decode, and one ``{key, duration, reason}`` for each left out: shorter
+    than one LLM token's audio, or longer than the encoder's window with video that the model
+    reads (a clip is decoded whole). Other long samples stay: they are chunked."""
+    window = window_seconds(model)
+    video = "video" in model.modalities
+    kept, dropped = [], []
+    for s in samples:
+        duration = float(s["duration"])
+        reason = too_short(model, duration)
+        if reason is None and window is not None and duration > window and video and "video" in s:
+            reason = (
+                f"too long: {duration:.1f} s > the encoder's {window:g} s window, and clips "
+                "with video are not chunked"
+            )
+        if reason is None:
+            kept.append(s)
+        else:
+            log.warning("skipping %s (%.3f s): %s", s["__key__"], duration, reason)
+            dropped.append(
+                {"key": str(s["__key__"]), "duration": round(duration, 3), "reason": reason}
+            )
+    return kept, dropped
+
+
+def sample_chunks(
+    samples: Sequence[dict[str, Any]],
+    sample_rate: int,
+    chunk_seconds: float | None,
+    overlap_seconds: float,
+    whole_clips: bool = False,
+) -> list[list[Chunk]]:
+    """Chunks of each sample: one covering it all unless it is longer than ``chunk_seconds``
+    (or, with ``whole_clips``, a model that reads video, carries a clip: decoded whole)."""
+    out = []
+    for s in samples:
+        n = int(s["audio"].numel())
+        long = chunk_seconds is not None and n > round(chunk_seconds * sample_rate)
+        if not long or (whole_clips and "video" in s):
+            out.append([Chunk(0, n, 0.0, n / sample_rate)])
+        else:
+            assert chunk_seconds is not None
+            out.append(chunk_bounds(n, sample_rate, chunk_seconds, overlap_seconds))
+    return out
+
+
 @dataclass
 class EvalResult:
     """What :func:`evaluate` wrote: the metrics dict, per-utterance rows, output files."""
@@ -292,6 +376,8 @@ def evaluate(
     options: DecodeOptions | None = None,
     progress: bool = True,
     root: str | Path | None = None,
+    chunk_seconds: float | None = None,
+    overlap_seconds: float | None = None,
 ) -> EvalResult:
     """Decode ``data`` with ``model`` under every (rate, SNR) condition, score each task, and
     write metrics.json, report.md, plots and utterances.jsonl to ``out_dir``.
@@ -303,7 +389,9 @@ def evaluate(
     data scores one model with audio only, video only and both; ``st`` on a corpus whose
     samples carry translations scores translation). ``target_lang`` picks the translation
     target of ``st`` samples that have several. ``root`` is the folder a manifest's paths must
-    resolve inside (default: the manifest's own).
+    resolve inside (default: the manifest's own). ``chunk_seconds``/``overlap_seconds`` cut
+    utterances longer than the encoder's window (see :func:`chunk_settings` for the defaults);
+    too-short ones and too-long ones with video are skipped and named (module docstring).
     """
     options = options or DecodeOptions()
     if normalizer not in NORMALIZERS:
@@ -322,6 +410,8 @@ def evaluate(
         "sha256": loaded.sha256,
     }
     rate_list = select_rates(speech_llm, rates)  # fail before reading any audio
+    window = window_seconds(speech_llm)
+    chunk_seconds, overlap_seconds = chunk_settings(window, chunk_seconds, overlap_seconds)
 
     if isinstance(data, list):
         samples, skipped, data_spec = list(data)[:limit] if limit else list(data), [], "<samples>"
@@ -335,11 +425,18 @@ def evaluate(
             raise ValueError(
                 f"no samples with task(s) {list(tasks)} in {data_spec}; present: {present}"
             )
-    if not samples:
-        raise ValueError(f"no usable samples in {data_spec} ({len(skipped)} skipped)")
     for i, s in enumerate(samples):
         if s.get("__key__") is None:
             s["__key__"] = str(i)
+    samples, dropped = apply_length_policy(speech_llm, samples)
+    skipped += [f"{d['key']} ({d['duration']:g} s): {d['reason']}" for d in dropped]
+    if not samples:
+        reasons = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise ValueError(
+            f"no usable samples in {data_spec} ({len(skipped)} skipped"
+            + (f": {reasons})" if skipped else ")")
+        )
+    for i, s in enumerate(samples):
         s["noise_index"] = i  # babble never mixes in the utterance itself, whatever the task
     waves = [s["audio"] for s in samples]
     if as_tasks:
@@ -356,6 +453,24 @@ def evaluate(
     task_names = sorted({s["task"] for s in samples})
 
     features = features_for(speech_llm)
+    chunks = sample_chunks(
+        samples,
+        features.sample_rate,
+        chunk_seconds,
+        overlap_seconds,
+        whole_clips="video" in speech_llm.modalities,
+    )
+    chunked = {
+        str(s["__key__"]): {
+            "key": str(s["__key__"]),
+            "duration": round(float(s["duration"]), 3),
+            "chunks": len(c),
+        }
+        for s, c in zip(samples, chunks, strict=True)
+        if len(c) > 1
+    }
+    for key, c in chunked.items():
+        log.info("%s (%.1f s) is decoded in %d chunks", key, c["duration"], c["chunks"])
     noise_source = (
         build_noise(noise, waves, babble_speakers, seed, features.sample_rate) if noise else None
     )
@@ -387,13 +502,16 @@ def evaluate(
                     for s in samples
                 ]
             start = time.perf_counter()
-            hyps = decode_samples(
+            decoded = decode_chunked(
                 speech_llm,
                 batch,
+                chunks,
                 options,
                 features,
-                on_batch=lambda idx, _texts: bar.update(len(idx)),
+                overlap_seconds,
+                on_batch=lambda pieces, _texts: bar.update(sum(p["chunk"] == 0 for p in pieces)),
             )
+            hyps = [d.text for d in decoded]
             seconds = time.perf_counter() - start
             audio_seconds = sum(float(s["duration"]) for s in samples)
             for task in task_names:
@@ -424,6 +542,7 @@ def evaluate(
                         "duration": round(float(samples[i]["duration"]), 3),
                         "reference": samples[i]["text"],
                         "hypothesis": hyps[i],
+                        **({"chunks": len(chunks[i])} if len(chunks[i]) > 1 else {}),
                         **scores,
                     }
                     for i, scores in zip(idx, per, strict=True)
@@ -443,6 +562,19 @@ def evaluate(
             "audio_seconds": round(sum(w.numel() for w in waves) / features.sample_rate, 3),
             "tasks": {t: sum(s["task"] == t for s in samples) for t in task_names},
             "skipped": skipped,
+            "lengths": {
+                "window_seconds": window,
+                "min_seconds": round(min_seconds(speech_llm), 4),
+                "chunk_seconds": chunk_seconds,
+                "overlap_seconds": overlap_seconds,
+                "counts": {
+                    "chunked": len(chunked),
+                    "too_short": sum(d["reason"].startswith("too short") for d in dropped),
+                    "too_long": sum(d["reason"].startswith("too long") for d in dropped),
+                },
+                "chunked": list(chunked.values()),
+                "skipped": dropped,
+            },
         },
         "normalizer": normalizer,
         "decoding": options.as_dict(),
@@ -507,6 +639,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int, help="first N usable utterances only")
     parser.add_argument(
+        "--chunk-seconds",
+        type=float,
+        help="utterances longer than this are decoded in chunks and the texts joined (default: "
+        "the encoder's window, at most 30 s)",
+    )
+    parser.add_argument(
+        "--overlap-seconds",
+        type=float,
+        help="overlap between chunks (default: a tenth of a chunk, at most 2 s)",
+    )
+    parser.add_argument(
         "--root",
         help="folder that a manifest's audio/video paths must resolve inside (after .. and "
         "symlinks); default: the manifest's folder; / allows any",
@@ -537,6 +680,8 @@ def main(argv: list[str] | None = None) -> EvalResult:
             options=decode_options(args),
             progress=not args.no_progress,
             root=args.root,
+            chunk_seconds=args.chunk_seconds,
+            overlap_seconds=args.overlap_seconds,
         )
     except (FileNotFoundError, ValueError, KeyError) as exn:
         raise SystemExit(f"mmalign evaluate: {exn}") from exn

@@ -131,6 +131,7 @@ def _bullet_header(metrics: dict[str, Any]) -> list[str]:
         f"batches of at most {dec['batch_size']} utterances / {dec['batch_seconds']:g} s, "
         f"{dec['device']} {dec['dtype']}",
     ]
+    lines += _length_lines(data.get("lengths"))
     noise = metrics.get("noise")
     if noise:
         what = (
@@ -140,6 +141,38 @@ def _bullet_header(metrics: dict[str, Any]) -> list[str]:
         )
         lines.append(f"- noise: {what}, seed {noise['seed']}, mixed with torchaudio `add_noise`")
     return lines
+
+
+def _length_lines(lengths: dict[str, Any] | None) -> list[str]:
+    """The length policy's bullet: how many utterances were chunked or skipped, and which."""
+    if not lengths:
+        return []
+    counts = lengths["counts"]
+    window = lengths["window_seconds"]
+    head = f"- lengths: encoder window {f'{window:g} s' if window else 'unbounded'}"
+    if not any(counts.values()):
+        return [f"{head}; every utterance fits it and is at least {lengths['min_seconds']:g} s"]
+    if lengths["chunk_seconds"] is not None:
+        head += (
+            f"; {counts['chunked']} longer utterance(s) decoded in {lengths['chunk_seconds']:g} s "
+            f"chunks ({lengths['overlap_seconds']:g} s overlap), hypotheses joined"
+        )
+    head += (
+        f"; {counts['too_short']} shorter than {lengths['min_seconds']:g} s and "
+        f"{counts['too_long']} too long (with video) skipped"
+    )
+    named = [
+        f"  - chunked: `{_cell(c['key'])}` ({c['duration']:g} s, {c['chunks']} chunks)"
+        for c in lengths["chunked"][:WORST_SHOWN]
+    ]
+    named += [
+        f"  - skipped: `{_cell(d['key'])}` ({d['duration']:g} s): {d['reason']}"
+        for d in lengths["skipped"][:WORST_SHOWN]
+    ]
+    more = len(lengths["chunked"]) + len(lengths["skipped"]) - len(named)
+    if more > 0:
+        named.append(f"  - and {more} more in metrics.json (data.lengths)")
+    return [head, *named]
 
 
 def _cell(text: object) -> str:

@@ -28,6 +28,7 @@ from mmalign.data.batching import pack_sorted
 from mmalign.data.collate import collate
 from mmalign.data.features import WhisperFeatures
 from mmalign.dtypes import DTYPES, torch_dtype
+from mmalign.inference.chunking import Chunk, join_chunks
 from mmalign.model import SpeechLLM
 
 
@@ -140,6 +141,50 @@ def features_for(model: SpeechLLM, sample_rate: int = 16000) -> WhisperFeatures:
     return WhisperFeatures(n_mels=n_mels, sample_rate=sample_rate)
 
 
+def window_seconds(model: SpeechLLM) -> float | None:
+    """Longest audio the model's encoder takes in one piece (Whisper: 30 s); None: no window.
+    Longer audio must be chunked (or, for clips with video, skipped)."""
+    return getattr(model.encoder, "max_seconds", None)
+
+
+def frames_per_token(projector: Any) -> int:
+    """Encoder frames behind one LLM token: the compression rate (the largest of a multi-rate
+    projector's, so one length rule holds at every rate), a Q-Former's window, else 1."""
+    rates = getattr(projector, "rates", None)
+    if rates:
+        return max(int(r) for r in rates)
+    for name in ("window", "rate"):
+        value = getattr(projector, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def min_seconds(model: SpeechLLM) -> float:
+    """Shortest audio worth decoding: what one LLM token carries (:func:`frames_per_token` at
+    the encoder's frame rate), and at least a waveform encoder's receptive field. A shorter
+    clip still becomes one token, but one made mostly of padding: its transcript is noise."""
+    encoder = model.encoder
+    seconds = frames_per_token(model.projector) / float(encoder.frame_rate)
+    for part in (encoder, getattr(encoder, "first", None), getattr(encoder, "second", None)):
+        field = getattr(part, "min_samples", None)  # WavLM's receptive field, in samples
+        if isinstance(field, int) and field > 0:
+            seconds = max(seconds, field / float(getattr(part, "sample_rate", 16000)))
+    return seconds
+
+
+def too_short(model: SpeechLLM, duration: float) -> str | None:
+    """Why a clip of ``duration`` seconds is not decoded, or None when it is long enough."""
+    least = min_seconds(model)
+    if duration >= least:
+        return None
+    frames = frames_per_token(model.projector)
+    return (
+        f"too short: {duration:.3f} s < {least:.3f} s, the audio of one LLM token ({frames} "
+        f"encoder frames at {float(model.encoder.frame_rate):g}/s)"
+    )
+
+
 @dataclass
 class DecodeOptions:
     """Decoding settings shared by ``evaluate`` and ``transcribe`` (recorded in reports).
@@ -220,6 +265,84 @@ def decode_samples(
         if on_batch is not None:
             on_batch(indices, texts)
     return [t or "" for t in out]
+
+
+@dataclass
+class ChunkedText:
+    """A sample decoded in chunks: the joined ``text``, one ``{start, end, text}`` span per
+    chunk (what it added), and each chunk's own transcript as decoded (``chunk_texts``)."""
+
+    text: str
+    spans: list[dict[str, Any]]
+    chunk_texts: list[str]
+
+
+def decode_chunked(
+    model: SpeechLLM,
+    samples: Sequence[dict[str, Any]],
+    chunks: Sequence[Sequence[Chunk]],
+    options: DecodeOptions,
+    features: WhisperFeatures | None = None,
+    overlap_seconds: float = 0.0,
+    on_batch: Callable[[list[dict[str, Any]], list[str]], None] | None = None,
+) -> list[ChunkedText]:
+    """Decode each sample cut into its ``chunks`` (from :func:`chunking.chunk_bounds`): the
+    chunks of all samples go through :func:`decode_samples` together (length-sorted batches),
+    then each sample's chunk texts are joined without repeating the overlap. ``transcribe`` and
+    ``evaluate`` both decode this way, so a long utterance is handled alike in each.
+
+    A chunk shorter than :func:`min_seconds` (a last sliver past the previous chunk) is not
+    decoded and counts as empty. A sample cut into several chunks loses its ``video``: a clip is
+    decoded whole or not at all (callers skip long clips of models that read video).
+
+    ``on_batch(pieces, texts)`` gets the finished chunks, each a sample dict with ``owner``
+    (index into ``samples``), ``chunk``, ``chunks`` (how many its owner has) and
+    ``new_seconds`` (audio not in the previous chunk).
+    """
+    if len(samples) != len(chunks):
+        raise ValueError(f"{len(samples)} samples but {len(chunks)} chunk lists")
+    least = min_seconds(model)
+    pieces: list[dict[str, Any]] = []
+    for owner, (sample, bounds) in enumerate(zip(samples, chunks, strict=True)):
+        for i, chunk in enumerate(bounds):
+            if chunk.end - chunk.start < least and len(bounds) > 1:
+                continue
+            key = sample.get("__key__")
+            whole = (
+                sample
+                if len(bounds) == 1
+                else {k: v for k, v in sample.items() if k not in ("video", "video_fps")}
+            )
+            pieces.append(
+                {
+                    **whole,
+                    "__key__": key if len(bounds) == 1 else f"{key}#{i}",
+                    "audio": sample["audio"][chunk.first : chunk.last],
+                    "duration": (
+                        float(sample.get("duration", chunk.end - chunk.start))
+                        if len(bounds) == 1
+                        else chunk.end - chunk.start
+                    ),
+                    "owner": owner,
+                    "chunk": i,
+                    "chunks": len(bounds),
+                    "new_seconds": chunk.end - (bounds[i - 1].end if i else chunk.start),
+                }
+            )
+
+    def report(indices: list[int], texts: list[str]) -> None:
+        if on_batch is not None:
+            on_batch([pieces[i] for i in indices], texts)
+
+    texts = decode_samples(model, pieces, options, features, on_batch=report)
+    per: list[list[str]] = [[""] * len(bounds) for bounds in chunks]
+    for piece, text in zip(pieces, texts, strict=True):
+        per[piece["owner"]][piece["chunk"]] = text
+    out = []
+    for mine, bounds in zip(per, chunks, strict=True):
+        text, spans = join_chunks(mine, list(bounds), overlap_seconds)
+        out.append(ChunkedText(text, spans, mine))
+    return out
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:

@@ -6,7 +6,11 @@ Inputs are audio files, folders (searched recursively by extension), text lists 
 (default: the list's own folder). Audio is read with soundfile, or torchaudio/torchcodec (ffmpeg)
 for what libsndfile lacks, then down-mixed and resampled. Files longer than ``chunk_seconds``
 are cut into overlapping chunks (:mod:`mmalign.inference.chunking`), whose texts are joined
-without repeating the overlap.
+without repeating the overlap; ``chunk_seconds`` defaults to the encoder's window (at most 30 s).
+A chunk of at least a second that is not silent but comes back empty is counted: the file's
+ledger line has ``empty_chunks`` (and a ``warning``), and the final summary names it. A file
+shorter than the audio of one LLM token (:func:`mmalign.inference.decode.min_seconds`) is not
+decoded: its line has ``skipped`` with the reason and an empty text.
 
 Work goes in rounds: files are read until about ``4 x batch_size`` chunks are waiting, all those
 chunks are decoded in length-sorted batches, then each finished file is written out, in input
@@ -20,7 +24,8 @@ place in the final summary; the run goes on.
 Models that read video (VSR/AVSR) take a mouth-region clip per input: a manifest's ``video``
 column (``.npy`` uint8 ``T x H x W`` or a video file; ``video_fps`` optional), or the input file
 itself when it is a video container (its audio track is the audio). The audio is cut or padded to
-whole video frames and the clip is decoded in one piece (clips are not chunked).
+whole video frames and the clip is decoded in one piece (clips are not chunked, so a clip
+longer than the encoder's window fails with that reason).
 """
 
 from __future__ import annotations
@@ -48,17 +53,19 @@ from mmalign.inference.audio import (
     resolve_path,
     with_video,
 )
-from mmalign.inference.chunking import Chunk, chunk_bounds, join_chunks
+from mmalign.inference.chunking import Chunk, chunk_bounds
 from mmalign.inference.decode import (
     DecodeOptions,
     add_decoding_arguments,
+    decode_chunked,
     decode_options,
-    decode_samples,
     default_task,
     features_for,
     load_model,
     select_rates,
+    too_short,
     use_rate,
+    window_seconds,
 )
 from mmalign.inference.subtitles import to_srt, to_vtt
 from mmalign.model import SpeechLLM
@@ -68,6 +75,11 @@ log = logging.getLogger(__name__)
 LEDGER = "transcripts.jsonl"
 FORMATS = ("txt", "srt", "vtt")
 LIST_SUFFIXES = (".txt", ".lst")
+DEFAULT_CHUNK_SECONDS = 30.0
+EMPTY_CHUNK_SECONDS = 1.0
+"""A chunk at least this long that is not silent should say something: empty is a warning."""
+SILENCE_RMS = 1e-3
+"""RMS below which a chunk counts as silence (-60 dBFS): an empty transcript is then right."""
 
 
 @dataclass
@@ -254,7 +266,8 @@ class Ledger:
 
 @dataclass
 class TranscribeSummary:
-    """Counts for the final report; ``failed`` lists (path, error)."""
+    """Counts for the final report; ``failed`` and ``skipped`` list (path, reason),
+    ``empty`` (path, empty chunks, chunks) the files with chunks that came back empty."""
 
     out_dir: Path
     transcribed: int = 0
@@ -262,15 +275,34 @@ class TranscribeSummary:
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def empty_chunks(self) -> int:
+        return sum(n for _, n, _ in self.empty)
 
     def text(self) -> str:
         speed = self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
-        lines = [
+        first = (
             f"transcribed {self.transcribed} file(s), {self.audio_seconds:.1f} s of audio in "
             f"{self.wall_seconds:.1f} s ({speed:.1f} audio-s/s); {self.already_done} already "
-            f"done; {len(self.failed)} failed; outputs in {self.out_dir}"
-        ]
+            f"done; {len(self.failed)} failed"
+        )
+        if self.skipped:
+            first += f"; {len(self.skipped)} skipped"
+        if self.empty:
+            first += (
+                f"; warning: {self.empty_chunks} chunk(s) with sound came back empty in "
+                f"{len(self.empty)} file(s)"
+            )
+        lines = [f"{first}; outputs in {self.out_dir}"]
         lines += [f"  failed: {path}: {error}" for path, error in self.failed]
+        lines += [f"  skipped: {path}: {why}" for path, why in self.skipped]
+        lines += [
+            f"  warning: {path}: {n} of {total} chunk(s) came back empty"
+            for path, n, total in self.empty
+        ]
         return "\n".join(lines)
 
 
@@ -281,6 +313,8 @@ class _Pending:
     chunks: list[Chunk] = field(default_factory=list)
     duration: float = 0.0
     error: str | None = None
+    skipped: str | None = None  # why it is not decoded (too short)
+    empty_chunks: int = 0  # chunks with sound whose transcript came back empty
     wave: Any = None  # the decoded waveform while the file waits for its round
     video: Any = None  # its frames, for models that read video
     video_fps: float = 25.0
@@ -294,7 +328,7 @@ def transcribe(
     out_dir: str | Path,
     *,
     options: DecodeOptions | None = None,
-    chunk_seconds: float = 30.0,
+    chunk_seconds: float | None = None,
     overlap_seconds: float = 2.0,
     formats: Sequence[str] = FORMATS,
     rate: int | None = None,
@@ -306,7 +340,8 @@ def transcribe(
 ) -> TranscribeSummary:
     """Transcribe ``inputs`` into ``out_dir`` (ledger ``transcripts.jsonl`` plus one
     ``.txt``/``.srt``/``.vtt`` per file); see the module docstring for resuming. ``root``: the
-    folder list and manifest paths must stay inside (default: each list's own folder)."""
+    folder list and manifest paths must stay inside (default: each list's own folder).
+    ``chunk_seconds`` None: the encoder's window, at most 30 s."""
     options = options or DecodeOptions()
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -321,12 +356,14 @@ def transcribe(
     task = task or default_task(speech_llm)
     speech_llm.modalities_of(task)  # a task the model cannot serve fails before any work
     reads_video = "video" in speech_llm.modalities
-    window = getattr(speech_llm.encoder, "max_frames", None)
-    if window is not None and chunk_seconds * features.frame_rate > window:
+    window = window_seconds(speech_llm)
+    if chunk_seconds is None:
+        chunk_seconds = min(DEFAULT_CHUNK_SECONDS, window or DEFAULT_CHUNK_SECONDS)
+    if window is not None and chunk_seconds > window:
         raise ValueError(
-            f"chunk_seconds={chunk_seconds} exceeds the encoder window of "
-            f"{window / features.frame_rate:g} s"
+            f"chunk_seconds={chunk_seconds} exceeds the encoder window of {window:g} s"
         )
+    chunk_bounds(1, features.sample_rate, chunk_seconds, overlap_seconds)  # bad values fail here
 
     out.mkdir(parents=True, exist_ok=True)
     ledger_path = out / LEDGER
@@ -376,6 +413,15 @@ def transcribe(
                         )["audio"]
                         one_piece = True
                     pending.duration = wave.numel() / features.sample_rate
+                    pending.skipped = too_short(speech_llm, pending.duration)
+                    if pending.skipped is not None:
+                        buffer.append(pending)
+                        continue
+                    if one_piece and window is not None and pending.duration > window:
+                        raise ValueError(
+                            f"the clip is {pending.duration:.1f} s, longer than the encoder's "
+                            f"{window:g} s window, and clips with video are not chunked"
+                        )
                     pending.chunks = chunk_bounds(
                         wave.numel(),
                         features.sample_rate,
@@ -410,41 +456,54 @@ def _decode_round(
     bar: Any,
     overlap_seconds: float,
 ) -> None:
-    """Decode every chunk of the buffered files together (length-sorted), then join per file."""
-    samples, owners = [], []
-    for pending in buffer:
-        if pending.error is not None:
-            continue
-        wave = pending.wave
+    """Decode every chunk of the buffered files together (length-sorted), then join per file
+    and count the chunks with sound that came back empty."""
+    files = [p for p in buffer if p.error is None and p.skipped is None]
+    samples = []
+    for pending in files:
         meta = {k: v for k, v in pending.item.meta.items() if k not in ("audio", "_video_path")}
-        for i, chunk in enumerate(pending.chunks):
-            new = chunk.end - (pending.chunks[i - 1].end if i else chunk.start)
-            sample = {
-                "__key__": f"{pending.name}#{i}",
-                "audio": wave[chunk.first : chunk.last],
-                "text": "",
-                "task": str(meta.get("task") or task),
-                "duration": chunk.end - chunk.start,
-                "meta": meta,
-                "new_seconds": new,
-            }
-            if pending.video is not None:
-                sample["video"] = pending.video
-                sample["video_fps"] = pending.video_fps
-            samples.append(sample)
-            owners.append(pending)
-    if not samples:
-        return
+        sample = {
+            "__key__": pending.name,
+            "audio": pending.wave,
+            "text": "",
+            "task": str(meta.get("task") or task),
+            "duration": pending.duration,
+            "meta": meta,
+        }
+        if pending.video is not None:
+            sample["video"] = pending.video
+            sample["video_fps"] = pending.video_fps
+        samples.append(sample)
 
-    def advance(indices: list[int], _texts: list[str]) -> None:
-        bar.update(round(sum(samples[i]["new_seconds"] for i in indices), 2))
+    def advance(pieces: list[dict[str, Any]], _texts: list[str]) -> None:
+        bar.update(round(sum(p["new_seconds"] for p in pieces), 2))
 
-    texts = decode_samples(model, samples, options, features, on_batch=advance)
+    if samples:
+        decoded = decode_chunked(
+            model,
+            samples,
+            [p.chunks for p in files],
+            options,
+            features,
+            overlap_seconds,
+            on_batch=advance,
+        )
+        for pending, result in zip(files, decoded, strict=True):
+            pending.text, pending.spans = result.text, result.spans
+            pending.empty_chunks = sum(
+                not text.strip() and _has_sound(pending.wave, chunk)
+                for text, chunk in zip(result.chunk_texts, pending.chunks, strict=True)
+            )
     for pending in buffer:
-        if pending.error is None:
-            mine = [t for t, o in zip(texts, owners, strict=True) if o is pending]
-            pending.text, pending.spans = join_chunks(mine, pending.chunks, overlap_seconds)
         pending.wave = pending.video = None
+
+
+def _has_sound(wave: Any, chunk: Chunk) -> bool:
+    """Whether a chunk is long enough to hold speech and not silent (see SILENCE_RMS)."""
+    if chunk.end - chunk.start < EMPTY_CHUNK_SECONDS:
+        return False
+    piece = wave[chunk.first : chunk.last].float()
+    return bool(piece.numel()) and float(piece.square().mean().sqrt()) >= SILENCE_RMS
 
 
 def _finish(
@@ -465,12 +524,27 @@ def _finish(
     for key in ("id", "key"):
         if key in pending.item.meta:
             record[key] = pending.item.meta[key]
-    if pending.error is None:
+    if pending.error is None and pending.skipped is not None:
+        record.update(text="", duration=round(pending.duration, 3), skipped=pending.skipped)
+        record["outputs"] = write_file_outputs(out, pending.name, record, formats)
+        log.warning("not transcribing %s: %s", pending.item.path, pending.skipped)
+        summary.skipped.append((str(pending.item.path), pending.skipped))
+    elif pending.error is None:
         record.update(
             text=pending.text,
             duration=round(pending.duration, 3),
             chunks=pending.spans,
+            empty_chunks=pending.empty_chunks,
         )
+        if pending.empty_chunks:
+            record["warning"] = (
+                f"{pending.empty_chunks} of {len(pending.chunks)} chunk(s) came back empty "
+                f"although they hold sound (at least {EMPTY_CHUNK_SECONDS:g} s, not silent)"
+            )
+            log.warning("%s: %s", pending.item.path, record["warning"])
+            summary.empty.append(
+                (str(pending.item.path), pending.empty_chunks, len(pending.chunks))
+            )
         record["outputs"] = write_file_outputs(out, pending.name, record, formats)
         summary.transcribed += 1
         summary.audio_seconds += pending.duration
@@ -499,7 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--formats", nargs="*", default=list(FORMATS), choices=FORMATS, help="per-file outputs"
     )
-    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window per chunk")
+    parser.add_argument(
+        "--chunk-seconds",
+        type=float,
+        help="window per chunk (default: the encoder's window, at most 30 s)",
+    )
     parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks")
     parser.add_argument("--rate", type=int, help="compression rate (multi-rate models)")
     parser.add_argument(

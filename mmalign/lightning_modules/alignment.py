@@ -414,6 +414,12 @@ class AlignmentModule(L.LightningModule):
                 f"data.n_mels={dm.n_mels} but the encoder expects {n_mels} mel bins; "
                 "set data.init_args.n_mels to match"
             )
+        if callable(getattr(dm, "limit_audio_to", None)):  # before any dataloader is built
+            from mmalign.inference.decode import min_seconds
+
+            encoder = self.model.encoder
+            window = getattr(encoder, "max_seconds", None)
+            dm.limit_audio_to(window, type(encoder).__name__, min_seconds(self.model))
         caches = getattr(dm, "caches", None) or {}
         if caches:  # feature caches: refuse one the model's encoder would not have written
             from mmalign.data.cache import check_model_cache
