@@ -14,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "AssetChecksumError",
     "AssetNotFoundError",
     "PinnedAsset",
+    "check_source",
     "is_pinned",
     "resolve",
     "sha256_file",
@@ -180,3 +182,51 @@ def resolve(name: str, verify: bool = True) -> Path:
         )
         verify_sha256(path, asset.sha256, hint)
     return path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint (or the https proxy) takes a TCP connection within ``timeout``."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    url = urlsplit(getproxies().get("https") or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_source(source: str, field: str = "source") -> None:
+    """Fail at once, naming ``field``, when a model source cannot load: a missing local path or
+    ``.gguf`` file, an unknown or uninstalled ``pinned:`` name, or a hub id that is not in the
+    local cache while the machine is offline (transformers would retry for about a minute, or
+    call a missing path an ill-formed repo id). ``random`` and existing paths pass."""
+    if source == "random" or Path(source).expanduser().exists():
+        return
+    if is_pinned(source):
+        resolve(source, verify=False)  # says which package to install
+        return
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if source.endswith(".gguf"):
+            raise HFValidationError(source)
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(f"{field}={source!r}: no such file or directory") from None
+    if (Path(constants.HF_HUB_CACHE) / f"models--{source.replace('/', '--')}").is_dir():
+        return
+    offline = constants.HF_HUB_OFFLINE
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
+        pins = ", ".join(PREFIX + name for name in PINNED)
+        raise ConnectionError(
+            f"{field}={source!r}: this machine is offline ({why}) and {source} is neither a "
+            f"local path nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); give a local "
+            f"directory or .gguf file, or a pinned source ({pins})"
+        )

@@ -7,17 +7,20 @@ the extra subcommands are plain functions whose docstrings are their ``--help``.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
+def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> Any:
     """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
     Imported lazily so that ``prepare``/``synth``/``score`` start without loading Lightning.
     Trainers write checkpoints atomically and load them with ``weights_only=True``
     (:mod:`mmalign.checkpoint_io`) unless the config brings its own checkpoint IO.
+    ``exit_on_error=False`` raises jsonargparse's ``ArgumentError`` instead of printing usage.
     """
     import mmalign.strategies  # noqa: F401  (registers `llm_fsdp` strategy names)
     from mmalign.data.datamodule import ShardDataModule
@@ -30,7 +33,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "exit_on_error": exit_on_error},
     )
 
 
@@ -49,6 +52,9 @@ def prepare(
     target_lang: str | None = None,
     clips: str | None = None,
     root: str | None = None,
+    min_seconds: float = 0.1,
+    max_seconds: float | None = 30.0,
+    out_of_range: Literal["keep", "drop"] = "keep",
 ) -> None:
     """Write webdataset shards (16 kHz mono FLAC + JSON, lip video as uint8 .npy) and index.json.
 
@@ -77,6 +83,12 @@ def prepare(
             ``..`` and symlinks), so a manifest from elsewhere cannot pull in other files;
             default the manifest's folder (CoVoST: the clips folder, MuST-C: its folder);
             ``/`` allows any path.
+        min_seconds: clips shorter than this are listed in index.json (``out_of_range``).
+        max_seconds: clips longer than this (Whisper's 30 s window) likewise; ``null``: none.
+        out_of_range: ``keep`` such clips (training skips what its encoder cannot read,
+            evaluate and transcribe chunk long audio) or ``drop`` them.
+
+    A killed run leaves the previous output whole; the same command then resumes it.
     """
     from mmalign.data.shards import PathOutsideRootError
     from mmalign.data.shards import prepare as run_prepare
@@ -97,13 +109,13 @@ def prepare(
             target_lang=target_lang,
             clips=clips,
             root=root,
+            min_seconds=min_seconds,
+            max_seconds=max_seconds,
+            out_of_range=out_of_range,
         )
     except PathOutsideRootError as exn:
         raise SystemExit(f"mmalign prepare: {exn}") from exn
-    print(
-        f"wrote {report.written} samples ({report.total_seconds / 3600:.2f} h) in "
-        f"{len(report.shards)} shard(s) to {out_dir}; skipped {len(report.skipped)}"
-    )
+    print(report.summary())
     if not report.ok:
         raise SystemExit(f"nothing could be written from {source}")
 
@@ -325,24 +337,100 @@ PLAIN = {  # argparse-based: variable numbers of positional files, lists of swee
 }
 
 
+# What a user can cause and fix (a config value, a path, a file, their data): one line, no
+# traceback. Anything else (AssertionError, a RuntimeError from torch...) is a bug: traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+USER_RUNTIME_ERRORS = {  # RuntimeErrors about the user's data, files or tools
+    "mmalign.data.pipeline.DataQualityError",
+    "mmalign.checkpoint_io.CheckpointLoadError",
+    "mmalign.checkpoint_io.CheckpointSaveError",
+    "mmalign.data.synthetic.espeak.MissingToolError",
+    "mmalign.stack.StackError",
+    "torch.OutOfMemoryError",
+}
+
+
+def is_user_error(exn: BaseException) -> bool:
+    """Whether ``exn`` is about the user's input rather than a bug (see ``USER_ERRORS``)."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(exn).__mro__}
+    return isinstance(exn, USER_ERRORS) or bool(names & USER_RUNTIME_ERRORS)
+
+
+SKIPPED = ("Given value", "Subtypes", "Errors:", "Does not validate")  # jsonargparse's
+
+
+def one_line(message: str) -> str:
+    """A jsonargparse message's innermost ``Parser key`` path and reason (its nesting spans many
+    lines: class_path, Union subtypes...); other messages with their lines joined."""
+    path: list[tuple[int, str]] = []
+    best: tuple[int, int, str] = (0, 0, "")
+    for line in filter(str.strip, message.splitlines()):
+        text = line.strip().removeprefix("- ")
+        indent = len(line) - len(line.lstrip(" -"))
+        while path and path[-1][0] >= indent:
+            path.pop()
+        if key := re.search(r'(class: )?Parser key "(.+)":$', text):  # `class:`: a callable's
+            path.append((indent, "init_args." * bool(key[1]) + key[2]))
+        elif re.fullmatch(r"Problem with given class_path '.+':", text):
+            path.append((indent, "init_args"))
+        elif (len(path), indent) > best[:2] and not text.startswith(SKIPPED):
+            reason = re.sub(r"\. Got value: Namespace\(.*", "", text)
+            best = (len(path), indent, ".".join(k for _, k in path) + ": " + reason)
+    return best[2] or " ".join(x.strip() for x in message.splitlines() if x.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``mmalign`` console script."""
+    """Entry point of the ``mmalign`` console script.
+
+    An error the user can fix ends in one line naming the field, file or key, and exit status 1
+    (2 for a command-line or config-parsing error); ``--debug`` anywhere in the arguments, or
+    ``MMALIGN_DEBUG=1``, keeps the traceback and jsonargparse's full messages.
+    """
     from mmalign.quiet import silence
 
     silence()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MMALIGN_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        if from_command_line:  # LightningCLI reads sys.argv; relaunched ranks read both
+            sys.argv[1:] = argv
+            os.environ["MMALIGN_DEBUG"] = "1"
+    command = f"mmalign {argv[0]}" if argv and not argv[0].startswith("-") else "mmalign"
+    from argparse import ArgumentError
+
+    try:
+        _dispatch(argv, from_command_line, debug)
+    except ArgumentError as exn:  # jsonargparse's, raised rather than printed unless debugging
+        hint = f"see {command} --help; --debug for the full message"
+        print(f"{command}: error: {one_line(str(exn))} ({hint})", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exn:
+        if debug or not is_user_error(exn):
+            raise
+        text = str(exn.args[0]) if isinstance(exn, KeyError) and exn.args else str(exn)
+        text = one_line(text) or type(exn).__name__
+        raise SystemExit(f"{command}: {text} (--debug shows the traceback)") from None
+
+
+def _dispatch(argv: list[str], from_command_line: bool, debug: bool) -> None:
     if argv and argv[0] in PLAIN:
         PLAIN[argv[0]](argv[1:])
         return
     if argv and argv[0] in EXTRA:
         from jsonargparse import CLI
 
-        CLI(EXTRA[argv[0]], args=argv[1:], prog=f"mmalign {argv[0]}")
+        CLI(EXTRA[argv[0]], args=argv[1:], prog=f"mmalign {argv[0]}", exit_on_error=debug)
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("mmalign subcommands: fit validate test predict | " + " ".join([*EXTRA, *PLAIN]))
-    cli_main(None if from_command_line else argv)  # LightningCLI reads sys.argv itself
+        print(
+            "mmalign subcommands: fit validate test predict | "
+            + " ".join([*EXTRA, *PLAIN])
+            + "\n(--debug anywhere, or MMALIGN_DEBUG=1: tracebacks instead of one-line errors)"
+        )
+    # LightningCLI reads sys.argv itself
+    cli_main(None if from_command_line else argv, exit_on_error=debug)
 
 
 if __name__ == "__main__":

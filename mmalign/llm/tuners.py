@@ -73,6 +73,7 @@ from typing import Any
 import peft
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 from mmalign.llm.lora_one import LoraOneConfig, apply_lora_one, sketch_gradients, sketch_rank
@@ -216,6 +217,26 @@ def _check_targets(config: PeftConfig, model: nn.Module) -> None:
             f"adapter target_modules {missing} match no module of the LLM; its Linear layers "
             f"are named {linear_names(model)}"
         )
+    if not _is_lora(config):
+        return
+    # checked on the frozen model, before peft allocates: an r of 1e6 would take gigabytes
+    # before failing in the allocator, and a rank above min(in, out) adds nothing
+    patterns = dict(getattr(config, "rank_pattern", None) or {})
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (
+            weight is None
+            or weight.dim() != 2
+            or not any(name == t or name.endswith("." + t) for t in targets)
+        ):
+            continue
+        r = patterns.get(get_pattern_key(patterns, name), config.r)
+        if not 1 <= r <= min(weight.shape):
+            raise ValueError(
+                f"model.llm.init_args.adapter.init_args.r={r}: the rank must be between 1 and "
+                f"min(in_features, out_features) = {min(weight.shape)} of target {name} "
+                f"(weight {tuple(weight.shape)})"
+            )
 
 
 def check_strategy(llm: Any, lora_strategy: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -35,7 +36,7 @@ class ConvProjector(Projector):
         self,
         in_dim: int,
         out_dim: int,
-        rate: int = 4,
+        rate: PositiveInt = 4,
         kernel_size: int | None = None,
         hidden_dim: int | None = None,
         activation: str = "gelu",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import nn
 
 from mmalign.projectors.base import Projector, final_norm, mask_padding
@@ -20,7 +21,7 @@ class LinearProjector(Projector):
         self,
         in_dim: int,
         out_dim: int,
-        rate: int = 1,
+        rate: PositiveInt = 1,
         mode: str = "stack",
         norm: bool = False,
     ) -> None:

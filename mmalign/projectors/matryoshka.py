@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -49,13 +50,13 @@ class MatryoshkaProjector(Projector):
         self,
         in_dim: int,
         out_dim: int,
-        rates: Sequence[int] = (4, 8, 16),
+        rates: Sequence[PositiveInt] = (4, 8, 16),
         mode: str = "stack",
         hidden_dim: int | None = None,
         activation: str = "gelu",
         norm: bool = False,
         shared: bool = False,
-        rate: int | None = None,
+        rate: PositiveInt | None = None,
     ) -> None:
         super().__init__(in_dim, out_dim)
         rates = [int(r) for r in rates]

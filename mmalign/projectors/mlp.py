@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -21,7 +22,7 @@ class MLPProjector(Projector):
         self,
         in_dim: int,
         out_dim: int,
-        rate: int = 4,
+        rate: PositiveInt = 4,
         mode: str = "stack",
         hidden_dim: int | None = None,
         activation: str = "gelu",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from torch import nn
 
 from mmalign.projectors.base import Projector, mask_padding
@@ -46,7 +47,7 @@ class SwiGLUProjector(Projector):
         self,
         in_dim: int,
         out_dim: int,
-        rate: int = 8,
+        rate: PositiveInt = 8,
         hidden_dim: int = 4096,
         norm_init: float = 0.4,
         post_norm: bool = True,
