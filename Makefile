@@ -60,7 +60,7 @@ test: setup
 	$(BIN)/python -m pytest tests
 
 lint:
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
 
 format:
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

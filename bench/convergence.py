@@ -121,7 +121,7 @@ def train_seconds(ckpt: dict[str, Any]) -> float:
 def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     """WER per split at each checkpoint; the model is built once, then reloaded per step."""
     from mmalign.checkpoint_io import load_checkpoint_file
-    from mmalign.eval.evaluate import read_shard_samples
+    from mmalign.data.reading import read_shard_samples
     from mmalign.eval.metrics import error_rates
     from mmalign.inference.decode import DecodeOptions, decode_samples
     from mmalign.inference.export import load_checkpoint

@@ -405,7 +405,7 @@ class Utterances(torch.utils.data.Dataset):
         return len(self.raws)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from mmalign.data.pipeline import decode_sample
+        from mmalign.data.decoding import decode_sample
 
         return decode_sample(self.raws[i], SAMPLE_RATE)
 
@@ -505,7 +505,8 @@ def feature_cache(args: argparse.Namespace, shards: Path) -> Path | None:
     """``mmalign cache-features`` of the corpus with the arms' encoder (once, before timing);
     None when this checkout has no feature cache. Returns the cache's shard folder."""
     try:
-        from mmalign.data.cache import cache_features, weights_sha256
+        from mmalign.inference.cache import cache_features
+        from mmalign.inference.encoder_identity import weights_sha256
     except ImportError:
         print("feature cache not available (mmalign.data.cache is missing)", flush=True)
         return None
@@ -538,7 +539,7 @@ def train_from_cache(args: argparse.Namespace) -> dict[str, Any]:
     """The feature-cache arm: mmalign's batches read from ``cache-features`` shards (encoder
     output, fp16), so the step runs no log-mel and no encoder. Compare with ``mmalign``."""
     try:
-        from mmalign.data.cache import check_model_cache  # noqa: F401
+        from mmalign.inference.encoder_identity import check_model_cache  # noqa: F401
     except ImportError:
         print("feature cache not available (mmalign.data.cache is missing)", flush=True)
         return {"arm": "cache", "skipped": "feature cache not available"}
@@ -565,7 +566,7 @@ def train_arm(arm: str, args: argparse.Namespace, shards: Path | None = None) ->
     if arm in ("mmalign", "cache"):
         dm = mmalign_datamodule(args, shards or corpus, cached=arm == "cache")
         if arm == "cache":  # refuses a cache another encoder (or other weights) wrote
-            from mmalign.data.cache import check_model_cache
+            from mmalign.inference.encoder_identity import check_model_cache
 
             check_model_cache(model, dm.caches, sample_rate=SAMPLE_RATE, n_mels=dm.n_mels)
         batches = forever(dm.train_dataloader())

@@ -15,26 +15,12 @@ from typing import Any, Literal
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> Any:
-    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``).
+    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``); see
+    :func:`mmalign.lightning_modules.cli.run_cli`. Imported lazily so that ``prepare``/``synth``/
+    ``score`` start without loading Lightning."""
+    from mmalign.lightning_modules.cli import run_cli
 
-    Imported lazily so that ``prepare``/``synth``/``score`` start without loading Lightning.
-    Trainers write checkpoints atomically and load them with ``weights_only=True``
-    (:mod:`mmalign.checkpoint_io`) unless the config brings its own checkpoint IO.
-    ``exit_on_error=False`` raises jsonargparse's ``ArgumentError`` instead of printing usage.
-    """
-    import mmalign.strategies  # noqa: F401  (registers `llm_fsdp` strategy names)
-    from mmalign.data.datamodule import ShardDataModule
-    from mmalign.lightning_modules.alignment import AlignmentModule
-    from mmalign.lightning_modules.cli import MMAlignCLI
-
-    return MMAlignCLI(
-        AlignmentModule,
-        ShardDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False, "exit_on_error": exit_on_error},
-    )
+    return run_cli(args, run, exit_on_error)
 
 
 def prepare(
@@ -90,7 +76,7 @@ def prepare(
 
     A killed run leaves the previous output whole; the same command then resumes it.
     """
-    from mmalign.data.shards import PathOutsideRootError
+    from mmalign.data.media import PathOutsideRootError
     from mmalign.data.shards import prepare as run_prepare
 
     try:
@@ -252,8 +238,8 @@ def cache_features(
             live training (``data.features: live``).
         prefix: output shard name prefix.
     """
-    from mmalign.data.cache import cache_features as run_cache
-    from mmalign.data.cache import encoder_from_fit_config
+    from mmalign.inference.cache import cache_features as run_cache
+    from mmalign.inference.cache import encoder_from_fit_config
 
     try:
         encoder, data = encoder_from_fit_config(fit_config)
@@ -341,7 +327,7 @@ PLAIN = {  # argparse-based: variable numbers of positional files, lists of swee
 # traceback. Anything else (AssertionError, a RuntimeError from torch...) is a bug: traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
 USER_RUNTIME_ERRORS = {  # RuntimeErrors about the user's data, files or tools
-    "mmalign.data.pipeline.DataQualityError",
+    "mmalign.data.skips.DataQualityError",
     "mmalign.checkpoint_io.CheckpointLoadError",
     "mmalign.checkpoint_io.CheckpointSaveError",
     "mmalign.data.synthetic.espeak.MissingToolError",

@@ -26,7 +26,7 @@ from mmalign.checkpoint_io import (
     load_checkpoint_file,
     plain_hparams,
 )
-from mmalign.data.pipeline import MixSource
+from mmalign.data.stages import MixSource
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import torch
 from conftest import tiny_llm_config, tiny_wavlm_config, tiny_whisper_config
 
 from mmalign.cli import main
-from mmalign.data.shards import PathOutsideRootError, prepare
+from mmalign.data.media import PathOutsideRootError
+from mmalign.data.shards import prepare
 from mmalign.eval.evaluate import build_parser as evaluate_parser
 from mmalign.eval.evaluate import read_samples
 from mmalign.inference.transcribe import build_parser as transcribe_parser

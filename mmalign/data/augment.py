@@ -9,9 +9,9 @@ collate) because babble needs other utterances: each sample's babble is the sum 
 tiled to the sample's length. A batch of one has no other utterance; that sample stays clean (its
 ``snr`` is None) and is counted in :attr:`NoiseAugment.stats` under ``"alone"``.
 Any other ``source`` is a folder of audio files, one audio file, or prepared shards
-(:func:`mmalign.eval.noise.build_noise`), loaded lazily in each DataLoader worker.
+(:func:`mmalign.data.noise.build_noise`), loaded lazily in each DataLoader worker.
 
-Mixing is :func:`mmalign.eval.noise.mix` (``torchaudio.functional.add_noise``), the same as the
+Mixing is :func:`mmalign.data.noise.mix` (``torchaudio.functional.add_noise``), the same as the
 evaluation SNR sweeps, so "10 dB" means the same thing in training and in a report. Every draw
 comes from the ``random.Random`` the caller passes (the pipeline seeds it per epoch, rank and
 worker), so a run repeats exactly. The drawn SNR is stored in each sample as ``snr`` (None: clean).
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmalign.eval.noise import BABBLE, NoiseSource, fit_length, mix
+from mmalign.data.noise import BABBLE, NoiseSource, fit_length, mix
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class NoiseAugment:
     Args:
         snrs: SNRs in dB to draw from, uniformly; None (or ``"clean"``) draws a clean sample.
         source: ``"babble"`` (other utterances of the batch), a folder of audio files, an audio
-            file, or shards (anything :func:`mmalign.data.pipeline.resolve_shards` reads).
+            file, or shards (anything :func:`mmalign.data.shardset.resolve_shards` reads).
         prob: Probability that a sample is augmented at all (then an SNR is drawn from ``snrs``).
         babble_speakers: Other utterances summed into one babble (fewer if the batch is smaller).
         seed: Seed of the noise source (clip choice and offsets), mixed with the caller's rng.
@@ -119,7 +119,7 @@ class NoiseAugment:
 
     def _clip_source(self) -> NoiseSource:
         if self._clips is None:  # built in the worker that uses it (files are read lazily)
-            from mmalign.eval.noise import build_noise
+            from mmalign.data.noise import build_noise
 
             self._clips = build_noise(self.source, [], seed=self.seed, sample_rate=self.sample_rate)
         return self._clips

@@ -23,7 +23,7 @@ key                    type / shape           meaning
 ``durations``          float32 [B]            seconds of audio per row
 ``meta``               list[dict] (B)         the sample JSON as written by ``prepare``
 ``skipped``            int                    samples this worker dropped as corrupt since its
-                                              previous batch (see ``pipeline.SkipCounter``)
+                                              previous batch (see ``skips.SkipCounter``)
 ``video``              uint8 [B, Tv, 1, H, W]  grayscale lip frames, zero-padded in time; only
                                               when the samples carry video (all or none)
 ``video_lengths``      int64 [B]              valid video frames per row

@@ -14,7 +14,7 @@ slot reads all shards and keeps every k-th sample). Training has two modes:
   sample count an epoch is one pass.
 - ``exact``: one pass per epoch, each sample once. Shards rarely divide evenly, so ranks run
   out at different steps: a rank that is done pads with weight-0 copies of its last batch until
-  all are (see :class:`mmalign.data.pipeline.ShardLoader`), so no rank hangs at epoch end.
+  all are (see :class:`mmalign.data.loading.ShardLoader`), so no rank hangs at epoch end.
 
 Validation, test and predict make one deterministic pass, each sample exactly once (padded the
 same way under DDP).
@@ -56,17 +56,12 @@ from mmalign.data.augment import NoiseAugment, parse_snr
 from mmalign.data.batching import LLMLength, estimate_num_batches
 from mmalign.data.cache import check_cache_settings, split_caches
 from mmalign.data.features import WhisperFeatures
-from mmalign.data.pipeline import (
-    MixSource,
-    ShardLoader,
-    ShardPipeline,
-    ShardSet,
-    build_pipeline,
-    make_loader,
-    resolve_shards,
-)
+from mmalign.data.loading import ShardLoader, make_loader
+from mmalign.data.noise import BABBLE
+from mmalign.data.pipeline import ShardPipeline, build_pipeline
+from mmalign.data.shardset import ShardSet, resolve_shards
+from mmalign.data.stages import MixSource
 from mmalign.data.video import VideoTransform
-from mmalign.eval.noise import BABBLE
 
 SPLITS = ("train", "val", "test", "predict")
 _REQUIRED = {  # val is optional when fitting
@@ -82,7 +77,7 @@ class ShardDataModule(L.LightningDataModule):
 
     Args:
         train: Training shards (folder with index.json, index.json, .tar, glob or brace pattern),
-            or a mixture: a list of sources (:class:`mmalign.data.pipeline.MixSource`: ``shards``,
+            or a mixture: a list of sources (:class:`mmalign.data.stages.MixSource`: ``shards``,
             ``weight``, ``task``, ``target_lang``) drawn by weight, e.g. the same shards as
             ``asr`` and as ``st`` into German.
         val: Validation shards, or a list of sources (read one after the other, each sample once

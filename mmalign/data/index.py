@@ -8,7 +8,7 @@ before a model loads: a missing shard, a shard larger than listed or holding mor
 listed (an undercounting index quietly shrinks every epoch), or a list that fails its checksum
 (edited by hand) is an :class:`IndexMismatchError` naming the shard. A shard *shorter* than
 listed was truncated after prepare: its surviving samples are still read, and readers count the
-rest as lost, exactly (see :mod:`mmalign.data.pipeline`).
+rest as lost, exactly (see :mod:`mmalign.data.reading`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,19 @@ INDEX_FORMAT = "mmalign-shards/2"
 
 class IndexMismatchError(ValueError):
     """The shards on disk are not the ones ``index.json`` describes."""
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """One corpus item left out of the shards, with where it came from and why."""
+
+    source: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        return f"{where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,12 @@ def check_shards(index_path: Path) -> dict[str, int]:
         raise IndexMismatchError(
             f"{index_path}: the shard list does not match its checksum (edited after prepare?); "
             "rerun prepare rather than editing the index"
+        )
+    if not all(entry.get("bytes") for entry in shards):
+        log.info(
+            "%s lists no shard sizes (an older prepare): counting each shard's samples instead; "
+            "rerun prepare to skip this",
+            index_path,
         )
     expected: dict[str, int] = {}
     for entry in shards:

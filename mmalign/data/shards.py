@@ -54,9 +54,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,10 +63,15 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from tqdm.auto import tqdm
 
-from mmalign.data.index import INDEX_NAME, ShardInfo
+from mmalign.data.index import INDEX_NAME, ShardInfo, SkippedItem
+from mmalign.data.media import (
+    SegmentError,
+    load_audio,
+    manifest_path,
+    not_a_file,
+)
 from mmalign.data.video import Box, decode_video
 from mmalign.data.writer import ShardWriter
 
@@ -76,22 +79,6 @@ log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif", ".au")
 FORMATS = ("auto", "manifest", "folder", "covost", "mustc")
-# A segment may end this far past the end of its file (rounded offsets and durations): it is
-# cut at the end of the file. Further out it is skipped.
-SEGMENT_SLACK_S = 0.01
-
-
-@dataclass(frozen=True)
-class SkippedItem:
-    """One corpus item left out of the shards, with where it came from and why."""
-
-    source: str
-    line: int | None
-    reason: str
-
-    def __str__(self) -> str:
-        where = self.source if self.line is None else f"{self.source}:{self.line}"
-        return f"{where}: {self.reason}"
 
 
 @dataclass
@@ -148,99 +135,11 @@ class _SkipItem(Exception):
     """Raised while reading an item that must be left out."""
 
 
-class SegmentError(ValueError):
-    """The requested ``offset``/``duration`` segment lies outside the audio file."""
-
-
-class PathOutsideRootError(ValueError):
-    """A path listed in a manifest resolves outside the folder the run may read."""
-
-
-def check_under_root(
-    path: str | Path, root: str | Path, source: str | Path, line: int | None, field: str
-) -> None:
-    """Refuse ``path`` unless its real path (``..`` and symlinks resolved) lies inside ``root``.
-
-    A manifest from elsewhere could otherwise make a run read, and copy into shards or
-    outputs, any file the user can read (``../../.ssh/id_rsa``, ``/etc/passwd``).
-    """
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real_root, real]) != real_root:
-        where = str(source) if line is None else f"{source}:{line}"
-        raise PathOutsideRootError(
-            f"{where}: field {field!r}: {str(path)!r} resolves to {real}, outside the allowed "
-            f"root {real_root}; pass --root with a folder that holds it (--root / allows any)"
-        )
-
-
-def manifest_path(
-    base: Path,
-    name: str,
-    *,
-    root: str | Path | None,
-    source: str | Path,
-    line: int | None,
-    field: str,
-) -> Path:
-    """``name`` as written when absolute, else under ``base``; refused
-    (:class:`PathOutsideRootError`) when it resolves outside ``root`` (default ``base``)."""
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        path = base / path
-    check_under_root(path, base if root is None else root, source, line, field)
-    return path
-
-
 def sanitize_key(key: str) -> str:
     """Make ``key`` safe as a webdataset key: webdataset splits member names at the first dot, so
     dots, slashes and anything unusual become ``_``."""
     clean = re.sub(r"[^A-Za-z0-9_-]+", "_", key).strip("_")
     return clean or "sample"
-
-
-def load_audio(
-    path: str | Path,
-    sample_rate: int = 16000,
-    *,
-    offset: float | None = None,
-    duration: float | None = None,
-) -> torch.Tensor:
-    """Read any soundfile-readable file as a float32 mono waveform at ``sample_rate``.
-
-    ``offset``/``duration`` (seconds) read only that segment, without decoding the rest of a
-    long recording; :class:`SegmentError` when it starts past the end or ends more than
-    ``SEGMENT_SLACK_S`` after it (a little overshoot is cut at the end of the file).
-    """
-    if offset is None and duration is None:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    else:
-        start, frames = _segment_frames(path, offset or 0.0, duration)
-        data, rate = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
-    return to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
-
-
-def _segment_frames(path: str | Path, offset: float, duration: float | None) -> tuple[int, int]:
-    """``(start, frames)`` in the file's own sample rate of a segment given in seconds."""
-    info = sf.info(str(path))
-    rate, total = info.samplerate, info.frames
-    start = round(offset * rate)
-    frames = total - start if duration is None else round(duration * rate)
-    end = start + frames
-    if start >= total or end > total + SEGMENT_SLACK_S * rate:
-        span = f"{offset:.3f}-{'end' if duration is None else f'{offset + duration:.3f}'} s"
-        raise SegmentError(f"segment {span} lies outside {path} ({total / rate:.3f} s long)")
-    return start, min(frames, total - start)
-
-
-def to_mono_rate(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
-    """Down-mix ``[channels, samples]`` (or 1-D) audio to mono; resample it to ``sample_rate``."""
-    if wave.dim() == 2:
-        wave = wave.mean(dim=0)
-    wave = wave.to(torch.float32)
-    if rate != sample_rate:
-        wave = AF.resample(wave, orig_freq=int(rate), new_freq=int(sample_rate))
-    return wave.contiguous()
 
 
 def encode_flac(wave: torch.Tensor, sample_rate: int) -> bytes:
@@ -374,27 +273,10 @@ def _skip_item(source: str, line: int | None, reason: str) -> SkippedItem:
     return item
 
 
-def _not_a_file(path: Path | None) -> str | None:
-    """Why ``path`` cannot be read as a media file, or None. A FIFO or device would block or
-    never end, so only regular files are read."""
-    if path is None or not os.path.lexists(path):
-        return "file not found"
-    try:
-        mode = path.stat().st_mode
-    except OSError as exn:
-        return f"unreadable ({exn.strerror})"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if not stat.S_ISREG(mode):
-        kind = "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "special file"
-        return f"is a {kind}, not a regular file"
-    return None
-
-
 def _read_item(item: _Item, sample_rate: int) -> tuple[torch.Tensor, str]:
     if not isinstance(item.text, str) or not item.text.strip():
         raise _SkipItem("empty or missing text")
-    problem = _not_a_file(item.audio)
+    problem = not_a_file(item.audio)
     if problem:
         raise _SkipItem(f"audio {problem}: {item.audio}")
     try:
@@ -414,7 +296,7 @@ def _read_video(item: _Item, crop: Box | None, default_fps: float) -> tuple[np.n
     """uint8 ``T x H x W`` frames of the item's video (gray, cropped) and its frame rate."""
     path = item.video
     assert path is not None
-    problem = _not_a_file(path)
+    problem = not_a_file(path)
     if problem:
         raise _SkipItem(f"video {problem}: {path}")
     try:

@@ -34,16 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from sacrebleu.metrics import BLEU
 from tqdm.auto import tqdm
 
 from mmalign.data.collate import DEFAULT_TASK
-from mmalign.data.pipeline import SampleError, decode_sample, resolve_shards, tar_samples
-from mmalign.data.tasks import TRANSLATION_TASKS, TaskError, apply_task
-from mmalign.eval.metrics import NORMALIZERS, error_rates, translation_metrics
-from mmalign.eval.noise import BABBLE, build_noise, mix
-from mmalign.inference.audio import (
+from mmalign.data.media import (
     AudioReadError,
     PathOutsideRootError,
     read_audio,
@@ -51,6 +46,10 @@ from mmalign.inference.audio import (
     resolve_path,
     with_video,
 )
+from mmalign.data.noise import BABBLE, build_noise, mix
+from mmalign.data.reading import read_shard_samples
+from mmalign.data.tasks import TRANSLATION_TASKS, TaskError, apply_task
+from mmalign.eval.metrics import NORMALIZERS, error_rates, translation_metrics
 from mmalign.inference.chunking import Chunk, chunk_bounds
 from mmalign.inference.decode import (
     DecodeOptions,
@@ -87,38 +86,6 @@ LIBRARIES = (
 
 
 # -- data ------------------------------------------------------------------------------------
-
-
-def read_shard_samples(
-    spec: str | Path, sample_rate: int = 16000, limit: int | None = None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Decoded samples of shards (in shard order) and a reason for each one skipped (each
-    sample a damaged shard lost, when its index says how many)."""
-    shards = resolve_shards(spec)
-    skipped: list[str] = []
-
-    def handler(exn: BaseException) -> bool:
-        log.warning("skipping unreadable shard data in %s: %r", spec, exn)
-        skipped.append(f"unreadable shard data: {exn!r}")
-        return True
-
-    def lose(n: int, url: str, why: str) -> None:
-        log.warning("shard %s: %s; %d samples lost", url, why, n)
-        skipped.extend([f"{url}: lost in damaged shard ({why})"] * n)
-
-    reader = tar_samples(handler=handler, expected=shards.expected, lose=lose)
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.urls), reader)
-    samples: list[dict[str, Any]] = []
-    for raw in pipeline:
-        try:
-            samples.append(decode_sample(raw, sample_rate))
-        except SampleError as exn:
-            where = f"{raw.get('__url__')}:{raw.get('__key__')}"
-            log.warning("skipping sample %s: %s", where, exn)
-            skipped.append(f"{where}: {exn}")
-        if limit is not None and len(samples) >= limit:
-            break
-    return samples, skipped
 
 
 def read_manifest_samples(

@@ -238,7 +238,7 @@ def decode_samples(
     features: WhisperFeatures | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
-    """Hypotheses for ``samples`` (dicts as :func:`mmalign.data.pipeline.decode_sample` returns:
+    """Hypotheses for ``samples`` (dicts as :func:`mmalign.data.decoding.decode_sample` returns:
     ``audio`` 1-D waveform, ``text``, ``task``, ``duration``, ``meta``), in input order.
 
     ``on_batch(indices, texts)`` is called after each batch (progress bars, streaming output).

@@ -43,7 +43,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mmalign.inference.audio import (
+from mmalign.data.media import (
     AUDIO_EXTENSIONS,
     VIDEO_EXTENSIONS,
     audio_duration,

@@ -422,7 +422,7 @@ class AlignmentModule(L.LightningModule):
             dm.limit_audio_to(window, type(encoder).__name__, min_seconds(self.model))
         caches = getattr(dm, "caches", None) or {}
         if caches:  # feature caches: refuse one the model's encoder would not have written
-            from mmalign.data.cache import check_model_cache
+            from mmalign.inference.encoder_identity import check_model_cache
 
             check_model_cache(self.model, caches, sample_rate=dm.sample_rate, n_mels=dm.n_mels)
         all_cached = bool(caches) and set(caches) == set(getattr(dm, "shard_sets", {}))

@@ -42,7 +42,7 @@ def check_config(config: Namespace) -> None:
     """What the config alone can tell, checked before any class is built: the learning rate,
     that model sources exist (or can be fetched) and that every data split has shards. Each of
     these otherwise fails only after the models have loaded, or after a minute of hub retries."""
-    from mmalign.data.pipeline import resolve_shards
+    from mmalign.data.shardset import resolve_shards
 
     lr = config.get("model.optimizer.init_args.lr")
     if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
@@ -87,3 +87,24 @@ class MMAlignCLI(LightningCLI):
                 except CheckpointLoadError as exn:
                     raise SystemExit(f"mmalign {subcommand}: {exn}") from exn
             raise
+
+
+def run_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> Any:
+    """The Lightning CLI over :class:`AlignmentModule` and :class:`ShardDataModule`.
+
+    Trainers write checkpoints atomically and load them with ``weights_only=True``
+    (:mod:`mmalign.checkpoint_io`) unless the config brings its own checkpoint IO.
+    ``exit_on_error=False`` raises jsonargparse's ``ArgumentError`` instead of printing usage.
+    """
+    import mmalign.lightning_modules.strategies  # noqa: F401  (registers `llm_fsdp` names)
+    from mmalign.data.datamodule import ShardDataModule
+    from mmalign.lightning_modules.alignment import AlignmentModule
+
+    return MMAlignCLI(
+        AlignmentModule,
+        ShardDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False, "exit_on_error": exit_on_error},
+    )

@@ -92,7 +92,7 @@ def run_stage(cur: Curriculum, k: int) -> Path:
     """Train stage ``k`` (or resume it); returns its final checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mmalign.cli import cli_main
+    from mmalign.lightning_modules.cli import run_cli
 
     stage, out = cur.stages[k], cur.stage_dir(k)
     ckpt_dir = out / "checkpoints"
@@ -101,7 +101,7 @@ def run_stage(cur: Curriculum, k: int) -> Path:
     if k > 0:
         previous = json.loads((cur.stage_dir(k - 1) / DONE).read_text())["checkpoint"]
         args += [f"--model.init_from={previous}", f"--model.init_adapter={stage.init_adapter}"]
-    cli = cli_main(args, run=False)
+    cli = run_cli(args, run=False)
     trainer = cli.trainer
     checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     if not checkpoints:

@@ -15,15 +15,11 @@ import yaml
 from conftest import tiny_llm_config, tiny_model_section, tiny_whisper_config
 
 from mmalign.cli import cli_main, main
-from mmalign.data.cache import (
-    CACHE_FORMAT,
-    CacheMismatchError,
-    cache_features,
-    check_model_cache,
-    weights_sha256,
-)
+from mmalign.data.cache import CACHE_FORMAT, CacheMismatchError
 from mmalign.data.datamodule import ShardDataModule
 from mmalign.encoders.whisper import WhisperEncoder
+from mmalign.inference.cache import cache_features
+from mmalign.inference.encoder_identity import check_model_cache, weights_sha256
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +326,8 @@ def test_keep_audio_cache_serves_live_and_cached(tmp_path, tone_shards, whisper_
 
 
 def test_damaged_cached_samples_are_skipped_by_reason():
-    from mmalign.data.pipeline import SampleError, decode_cached_sample
+    from mmalign.data.decoding import decode_cached_sample
+    from mmalign.data.skips import SampleError
 
     meta = json.dumps({"text": "one", "duration": 0.5}).encode()
     buf = io.BytesIO()

@@ -20,8 +20,8 @@ from conftest import write_config, write_tone_corpus
 
 from mmalign.cli import main
 from mmalign.data.index import read_index
-from mmalign.data.pipeline import resolve_shards
-from mmalign.eval.evaluate import read_shard_samples
+from mmalign.data.reading import read_shard_samples
+from mmalign.data.shardset import resolve_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from mmalign.data.datamodule import ShardDataModule
-from mmalign.data.pipeline import DataQualityError, SkipCounter, make_loader
+from mmalign.data.loading import make_loader
+from mmalign.data.skips import DataQualityError, SkipCounter
 from tests.data.test_pipeline import make_corpus, write_corrupt_shard
 
 
@@ -160,7 +161,7 @@ def test_filters_do_not_count_as_damage(tmp_path) -> None:
 
 
 def test_mixture_hyperparameters_are_plain_dicts(uneven) -> None:
-    from mmalign.data.pipeline import MixSource
+    from mmalign.data.stages import MixSource
 
     dm = ShardDataModule(train=[MixSource(str(uneven), weight=2.0)], val=str(uneven))
     assert dm.hparams["train"] == [

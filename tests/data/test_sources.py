@@ -13,7 +13,8 @@ import soundfile as sf
 import webdataset as wds
 
 from mmalign.data.index import read_index
-from mmalign.data.shards import load_audio, prepare
+from mmalign.data.media import load_audio
+from mmalign.data.shards import prepare
 from mmalign.data.sources.covost import name_info, read_covost
 from mmalign.data.sources.mustc import is_mustc, read_mustc
 

@@ -9,7 +9,9 @@ import torch
 from conftest import make_tiny_parts, tiny_batch, write_translation_shards
 
 from mmalign.data.features import WhisperFeatures
-from mmalign.data.pipeline import MixSource, build_pipeline, resolve_shards
+from mmalign.data.pipeline import build_pipeline
+from mmalign.data.shardset import resolve_shards
+from mmalign.data.stages import MixSource
 from mmalign.data.tasks import TaskError, apply_task, prompt_key, prompt_value, target_text
 from mmalign.llm.prompt import IGNORE_INDEX
 from mmalign.model import SpeechLLM

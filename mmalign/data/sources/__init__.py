@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.shards import SkippedItem
+from mmalign.data.index import SkippedItem
 
 log = logging.getLogger(__name__)
 

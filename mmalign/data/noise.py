@@ -1,4 +1,4 @@
-"""Test-time noise for SNR sweeps: where the noise comes from and how it is mixed in.
+"""Noise for SNR sweeps and training augmentation: where it comes from and how it is mixed in.
 
 Sources (``--noise``):
 
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from mmalign.inference.audio import find_audio, read_audio
+from mmalign.data.media import find_audio, read_audio
+from mmalign.data.reading import read_shard_samples
 
 BABBLE = "babble"
 
@@ -127,7 +128,7 @@ def build_noise(
     sample_rate: int = 16000,
 ) -> NoiseSource:
     """``babble`` (from ``waves``, the evaluation set), a folder of audio files, an audio file,
-    or shards (anything :func:`mmalign.data.pipeline.resolve_shards` accepts)."""
+    or shards (anything :func:`mmalign.data.shardset.resolve_shards` accepts)."""
     if spec == BABBLE:
         return BabbleNoise(waves, speakers, seed)
     path = Path(spec).expanduser()
@@ -139,8 +140,6 @@ def build_noise(
         return ClipNoise(files, str(path), seed, sample_rate)
     if path.is_file() and path.suffix not in (".tar", ".json"):
         return ClipNoise([path], str(path), seed, sample_rate)
-    from mmalign.eval.evaluate import read_shard_samples
-
     samples, _ = read_shard_samples(spec, sample_rate)
     return ClipNoise([s["audio"] for s in samples], spec, seed, sample_rate)
 

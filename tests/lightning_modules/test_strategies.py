@@ -26,7 +26,7 @@ from conftest import (
     write_tone_corpus,
 )
 
-from mmalign.strategies import (
+from mmalign.lightning_modules.strategies import (
     LLMFSDPStrategy,
     encoder_layer_classes,
     llm_layer_classes,
@@ -124,7 +124,7 @@ def test_hybrid_sharding_needs_no_mesh_and_takes_one_from_yaml():
 def test_trainer_precision_clips_by_norm_through_the_root_module():
     import lightning as L
 
-    from mmalign.strategies import _RootClipFSDPPrecision
+    from mmalign.lightning_modules.strategies import _RootClipFSDPPrecision
 
     for precision in ("bf16-true", "bf16-mixed", "32-true"):
         trainer = L.Trainer(
@@ -164,7 +164,7 @@ def test_strategy_names_are_registered():
 )
 def test_fsdp_fragments_build_their_strategy(path):
     strategy = yaml.safe_load(path.read_text())["trainer"]["strategy"]
-    assert strategy["class_path"] == "mmalign.strategies.LLMFSDPStrategy"
+    assert strategy["class_path"] == "mmalign.lightning_modules.strategies.LLMFSDPStrategy"
     s = LLMFSDPStrategy(**strategy["init_args"])
     assert s.activation_checkpointing and s.kwargs["use_orig_params"] is True
 
@@ -355,7 +355,7 @@ def test_fsdp_two_cpu_processes_save_trainable_weights_only_and_resume(
 
     config = fsdp_config(tmp_path, tokenizer_dir, three_shards)
     strategy = [
-        "--trainer.strategy.class_path=mmalign.strategies.LLMFSDPStrategy",
+        "--trainer.strategy.class_path=mmalign.lightning_modules.strategies.LLMFSDPStrategy",
         "--trainer.strategy.init_args.activation_checkpointing=true",
         "--trainer.strategy.init_args.wrap_encoders=true",  # Whisper runs once a step: safe
         "--trainer.gradient_clip_val=1.0",

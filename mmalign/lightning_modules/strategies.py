@@ -6,7 +6,7 @@ the model so that a YAML config never names a Python class of the LLM::
 
     trainer:
       strategy:
-        class_path: mmalign.strategies.LLMFSDPStrategy
+        class_path: mmalign.lightning_modules.strategies.LLMFSDPStrategy
         init_args:
           activation_checkpointing: true
 """
@@ -513,7 +513,7 @@ def _register() -> None:
     StrategyRegistry.register(
         "llm_fsdp",
         LLMFSDPStrategy,
-        description="FSDP with units read off a SpeechLLM (mmalign.strategies)",
+        description="FSDP with units read off a SpeechLLM (mmalign.lightning_modules.strategies)",
         override=True,
     )
     StrategyRegistry.register(

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmalign.eval.noise import BabbleNoise, ClipNoise, build_noise, fit_length, mix
+from mmalign.data.noise import BabbleNoise, ClipNoise, build_noise, fit_length, mix
 
 
 def waves(n: int = 4, seconds: float = 0.5) -> list[torch.Tensor]:
