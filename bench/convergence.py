@@ -125,7 +125,7 @@ def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[
     from mmalign.eval.metrics import error_rates
     from mmalign.inference.decode import DecodeOptions, decode_samples
     from mmalign.inference.export import load_checkpoint
-    from mmalign.llm.tuners import sync_base_offsets
+    from mmalign.llm.offsets import sync_base_offsets
 
     samples = {
         s: read_shard_samples(args.corpus / "shards" / s, limit=args.eval_n)[0] for s in SPLITS

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import transformers
 
-from mmalign.eval.evaluate import read_samples
 from mmalign.eval.metrics import error_rates
+from mmalign.eval.samples import read_samples
 from mmalign.inference.decode import DecodeOptions, decode_samples, features_for, load_model
 
 DEMO_MODEL = Path("runs/demo/export")

@@ -16,9 +16,9 @@ from mmalign.cli import main
 from mmalign.data.media import PathOutsideRootError
 from mmalign.data.shards import prepare
 from mmalign.eval.evaluate import build_parser as evaluate_parser
-from mmalign.eval.evaluate import read_samples
+from mmalign.eval.samples import read_samples
+from mmalign.inference.inputs import collect_inputs
 from mmalign.inference.transcribe import build_parser as transcribe_parser
-from mmalign.inference.transcribe import collect_inputs
 
 
 def tone(path: Path) -> Path:

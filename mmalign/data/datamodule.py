@@ -19,10 +19,7 @@ slot reads all shards and keeps every k-th sample). Training has two modes:
 Validation, test and predict make one deterministic pass, each sample exactly once (padded the
 same way under DDP).
 
-*Exact resume.* Every training batch carries its loader position; the position of the last
-batch handed to the model goes into each checkpoint (:meth:`ShardDataModule.state_dict`, from
-every rank), and a run resumed from it replays the epoch's stream up to that point without
-computing features, so it sees the same samples in the same order as an uninterrupted run.
+*Exact resume* of training from a checkpoint: see :mod:`mmalign.data.resume`.
 
 *Dirty data* is skipped and counted per reason (``skipped_by_reason``) and logged per epoch;
 ``max_skip_rate`` stops a run whose shards are mostly unusable.
@@ -42,25 +39,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.utilities import rank_zero_info
 from webdataset.utils import pytorch_worker_info
 
-from mmalign.data.augment import NoiseAugment, parse_snr
+from mmalign.data.augment import NoiseAugment
 from mmalign.data.batching import LLMLength, estimate_num_batches
 from mmalign.data.cache import check_cache_settings, split_caches
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.loading import ShardLoader, make_loader
-from mmalign.data.noise import BABBLE
 from mmalign.data.pipeline import ShardPipeline, build_pipeline
-from mmalign.data.shardset import ShardSet, resolve_shards
+from mmalign.data.resume import ExactResume
+from mmalign.data.settings import check_settings
+from mmalign.data.shardset import ShardSet
+from mmalign.data.splits import Mixture, resolve_splits
 from mmalign.data.stages import MixSource
+from mmalign.data.threads import cap_cpu_threads
 from mmalign.data.video import VideoTransform
 
 SPLITS = ("train", "val", "test", "predict")
@@ -72,7 +69,7 @@ _REQUIRED = {  # val is optional when fitting
 }
 
 
-class ShardDataModule(L.LightningDataModule):
+class ShardDataModule(ExactResume, L.LightningDataModule):
     """Train/val/test/predict loaders over webdataset shards made by ``mmalign prepare``.
 
     Args:
@@ -187,7 +184,7 @@ class ShardDataModule(L.LightningDataModule):
                     dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
                     for s in self.hparams[split]
                 ]
-        _check_settings(
+        check_settings(
             video_crop=video_crop,
             video_flip=video_flip,
             video_time_masks=video_time_masks,
@@ -256,18 +253,9 @@ class ShardDataModule(L.LightningDataModule):
         )
         self.features = WhisperFeatures(n_mels=n_mels, sample_rate=sample_rate)
         # Resolve now so that a wrong path fails before any model is built.
-        self.shard_sets: dict[str, ShardSet] = {}
-        self.mixes: dict[str, list[tuple[MixSource, list[str]]]] = {}
-        for split, spec in self.specs.items():
-            if spec is None:
-                continue
-            if isinstance(spec, (list, tuple)):
-                self.shard_sets[split] = self._resolve_mix(split, spec)
-                continue
-            try:
-                self.shard_sets[split] = resolve_shards(spec)
-            except (OSError, ValueError) as exn:
-                raise FileNotFoundError(f"ShardDataModule {split}={spec!r}: {exn}") from exn
+        self.shard_sets: dict[str, ShardSet]
+        self.mixes: dict[str, Mixture]
+        self.shard_sets, self.mixes = resolve_splits(self.specs)
         # split -> `cache` block of the feature cache it reads (mmalign.data.cache)
         self.feature_mode = features
         self.caches = split_caches(self.shard_sets, features)
@@ -278,30 +266,7 @@ class ShardDataModule(L.LightningDataModule):
             require_video=require_video,
         )
         self._pipelines: dict[str, ShardPipeline] = {}
-        self._train_epoch = 0
-        self._resume: dict[str, Any] | None = None
-        self._consumed: dict[str, Any] | None = None
-
-    def _resolve_mix(self, split: str, sources: Any) -> ShardSet:
-        """Resolve every source of a mixture; the split's counts are the sources' sums."""
-        if not sources:
-            raise ValueError(f"ShardDataModule {split}: an empty list of sources")
-        mix, urls, samples, seconds, expected = [], [], 0, 0.0, {}
-        for i, src in enumerate(sources):
-            src = MixSource(**src) if isinstance(src, dict) else src
-            try:
-                found = resolve_shards(src.shards)
-            except (OSError, ValueError) as exn:
-                raise FileNotFoundError(
-                    f"ShardDataModule {split}[{i}].shards={src.shards!r}: {exn}"
-                ) from exn
-            mix.append((src, found.urls))
-            expected.update(found.expected or {})
-            urls += found.urls
-            samples = None if samples is None or found.samples is None else samples + found.samples
-            seconds = None if seconds is None or found.seconds is None else seconds + found.seconds
-        self.mixes[split] = mix
-        return ShardSet(f"{split} mixture", urls, samples, seconds, expected or None)
+        self._start_resume()
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
@@ -325,48 +290,6 @@ class ShardDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> ShardLoader:
         return self._loader("predict")
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Remember the loader position of the training batch about to be used (for
-        checkpoints); everything else passes untouched."""
-        trainer = self.trainer
-        if (
-            trainer is not None
-            and trainer.training
-            and isinstance(batch, dict)
-            and isinstance(batch.get("position"), dict)
-        ):
-            self._consumed = batch["position"]
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training data position: the epoch to run next and, mid-epoch, every rank's loader
-        state after its last consumed batch (gathered, so call it on all ranks, as Lightning
-        does when it saves a checkpoint)."""
-        pipe = self._pipelines.get("train")
-        if pipe is None or not pipe.state.started:
-            state: dict[str, Any] = {"train_epoch": self._train_epoch}
-            if self._resume is not None:
-                state["position"] = self._resume
-            return state
-        current = pipe.state.current
-        mine = self._consumed if self._consumed and self._consumed["epoch"] == current else None
-        if pipe.state.finished == current:
-            return {"train_epoch": current + 1}
-        ranks = _gather(mine)
-        if all(r is None for r in ranks):
-            return {"train_epoch": current}
-        return {"train_epoch": current, "position": {"epoch": current, "ranks": ranks}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_epoch = int(state_dict.get("train_epoch", 0))
-        self._resume = state_dict.get("position")
-        if "train" in self._pipelines:
-            self._apply_resume(self._pipelines["train"])
-
-    def _apply_resume(self, pipe: ShardPipeline) -> None:
-        pipe.set_epoch(self._train_epoch)
-        pipe.state.resume = self._resume
 
     # ---------------------------------------------------------------- public helpers
     def limit_audio_to(
@@ -487,117 +410,3 @@ class ShardDataModule(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_world_size()
         return max(1, pytorch_worker_info()[1])
-
-
-def cap_cpu_threads(num_workers: int) -> int:
-    """Leave one core to each DataLoader worker when training on CPU; returns torch's threads.
-
-    Why: workers compute log-mel while the step runs, and torch's OpenMP threads on the same
-    cores then oversubscribe them (a step several times slower). ``OMP_NUM_THREADS`` or
-    ``MMALIGN_KEEP_THREADS=1`` keeps the user's setting.
-    """
-    threads = torch.get_num_threads()
-    if (
-        num_workers <= 0
-        or os.environ.get("OMP_NUM_THREADS")
-        or os.environ.get("MMALIGN_KEEP_THREADS")
-    ):
-        return threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    want = max(1, cores - num_workers)
-    if threads > want:
-        torch.set_num_threads(want)
-        rank_zero_info(
-            f"torch threads {threads} -> {want}: {cores} cores, {num_workers} DataLoader "
-            "worker(s) computing features (set OMP_NUM_THREADS to choose)"
-        )
-        return want
-    return threads
-
-
-def _gather(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (just ``[value]`` without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        values: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(values, value)
-        return values
-    return [value]
-
-
-def _check_settings(
-    *,
-    video_crop: Any,
-    video_flip: Any,
-    video_time_masks: Any,
-    video_time_mask_frames: Any,
-    noise_snrs: Any,
-    noise_source: Any,
-    noise_prob: Any,
-    babble_speakers: Any,
-    task: Any,
-    max_audio_seconds: Any = None,
-    max_text_chars: Any = None,
-    sampling: Any = "resampled",
-    max_skip_rate: Any = None,
-    skip_rate_min_samples: Any = 200,
-) -> None:
-    """Fail at start-up, naming the argument, rather than in a DataLoader worker mid-epoch."""
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_prob(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
-
-    problems = []
-    if video_crop is not None and not (is_int(video_crop) and video_crop >= 1):
-        problems.append(f"video_crop={video_crop!r} must be a positive int or None")
-    if not is_prob(video_flip):
-        problems.append(f"video_flip={video_flip!r} must be a probability in [0, 1]")
-    if not (is_int(video_time_masks) and video_time_masks >= 0):
-        problems.append(f"video_time_masks={video_time_masks!r} must be an int >= 0")
-    if not (is_int(video_time_mask_frames) and video_time_mask_frames >= 1):
-        problems.append(f"video_time_mask_frames={video_time_mask_frames!r} must be an int >= 1")
-    if noise_snrs is not None:
-        if isinstance(noise_snrs, (str, bytes)) or not isinstance(noise_snrs, (list, tuple)):
-            problems.append(f"noise_snrs={noise_snrs!r} must be a list of dB values or null")
-        elif not noise_snrs:
-            problems.append("noise_snrs=[] is empty; use null to turn noise off")
-        else:
-            for value in noise_snrs:
-                try:
-                    parse_snr(value)
-                except ValueError as exn:
-                    problems.append(f"noise_snrs={list(noise_snrs)!r}: {exn}")
-                    break
-        if noise_source != BABBLE and not (
-            isinstance(noise_source, str) and Path(noise_source).expanduser().exists()
-        ):
-            problems.append(
-                f"noise_source={noise_source!r} must be 'babble' or an existing file or folder"
-            )
-    if not is_prob(noise_prob):
-        problems.append(f"noise_prob={noise_prob!r} must be a probability in [0, 1]")
-    if not (is_int(babble_speakers) and babble_speakers >= 1):
-        problems.append(f"babble_speakers={babble_speakers!r} must be an int >= 1")
-    if task is not None and (not isinstance(task, str) or not task.strip() or " " in task):
-        problems.append(f"task={task!r} must be a task name such as 'asr', 'vsr' or 'avsr'")
-    if max_audio_seconds is not None and not (
-        isinstance(max_audio_seconds, (int, float))
-        and not isinstance(max_audio_seconds, bool)
-        and max_audio_seconds > 0
-    ):
-        problems.append(f"max_audio_seconds={max_audio_seconds!r} must be > 0 or None")
-    if max_text_chars is not None and not (is_int(max_text_chars) and max_text_chars >= 1):
-        problems.append(f"max_text_chars={max_text_chars!r} must be an int >= 1 or None")
-    if sampling not in ("resampled", "exact"):
-        problems.append(f"sampling={sampling!r} must be 'resampled' or 'exact'")
-    if max_skip_rate is not None and not is_prob(max_skip_rate):
-        problems.append(f"max_skip_rate={max_skip_rate!r} must be in [0, 1] or None")
-    if not (is_int(skip_rate_min_samples) and skip_rate_min_samples >= 1):
-        problems.append(f"skip_rate_min_samples={skip_rate_min_samples!r} must be an int >= 1")
-    if problems:
-        raise ValueError("ShardDataModule: " + "; ".join(problems))

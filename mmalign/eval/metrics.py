@@ -1,4 +1,5 @@
-"""WER/CER after a named text normaliser (Whisper's, from the whisper-normalizer package)."""
+"""WER/CER after a named text normaliser (Whisper's, from the whisper-normalizer package), BLEU and
+chrF (sacrebleu), per corpus and per utterance."""
 
 from __future__ import annotations
 
@@ -85,6 +86,42 @@ def translation_metrics(references: Sequence[str], hypotheses: Sequence[str]) ->
         "chrf_signature": str(chrf.get_signature()),
         "utterances": len(refs),
     }
+
+
+def transcription_scores(
+    refs: Sequence[str], hyps: Sequence[str], normalizer: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Corpus WER/CER with counts, and the same counts per utterance (which sum to the corpus's:
+    jiwer aligns each pair on its own)."""
+    corpus = error_rates(refs, hyps, normalizer)
+    per = []
+    for ref, hyp in zip(refs, hyps, strict=True):
+        r = error_rates([ref], [hyp], normalizer)
+        per.append(
+            {
+                "wer": r["wer"],
+                "cer": r["cer"],
+                "substitutions": r["substitutions"],
+                "deletions": r["deletions"],
+                "insertions": r["insertions"],
+                "ref_words": r["ref_words"],
+            }
+        )
+    return corpus, per
+
+
+def translation_scores(
+    refs: Sequence[str], hyps: Sequence[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """sacrebleu corpus BLEU and chrF on raw (detokenised) text with their signatures, and
+    per-sentence BLEU (effective order, as sacrebleu recommends for single sentences)."""
+    from sacrebleu.metrics import BLEU
+
+    refs, hyps = list(refs), list(hyps)
+    corpus = translation_metrics(refs, hyps)
+    sentence = BLEU(effective_order=True)
+    per = [{"bleu": sentence.sentence_score(h, [r]).score} for r, h in zip(refs, hyps, strict=True)]
+    return corpus, per
 
 
 def example(reference: str, hypothesis: str, width: int = 100) -> str:

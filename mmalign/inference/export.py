@@ -5,7 +5,7 @@ Every weight file is safetensors (loading never unpickles), and checkpoints are 
 ``encoder.safetensors`` (only when the encoder has trainable weights), the same two with a
 ``video_`` prefix for an audio-visual model, and ``mmalign.json`` (encoder, projector and LLM specs
 plus prompts). An adapter whose initialisation moved part of the frozen weights into it
-(``pissa_niter_<n>``, ``corda``, ``lora_ga``; see :mod:`mmalign.llm.tuners`) is written as the
+(``pissa_niter_<n>``, ``corda``, ``lora_ga``; see :mod:`mmalign.llm.offsets`) is written as the
 equivalent plain LoRA of twice the rank on the original weights, so it loads like any other.
 
 A multi-rate (Matryoshka) model keeps every adapter: peft's ``save_pretrained`` writes the
@@ -29,12 +29,8 @@ from safetensors.torch import load_file, save_file
 from mmalign.components import build, spec
 from mmalign.llm.load import CausalLM
 from mmalign.llm.lora import SHARED_ADAPTER
-from mmalign.llm.tuners import (
-    config_from_dict,
-    convert_export,
-    offset_buffer_names,
-    sync_base_offsets,
-)
+from mmalign.llm.offsets import convert_export, offset_buffer_names, sync_base_offsets
+from mmalign.llm.tuners import config_from_dict
 from mmalign.model import SpeechLLM
 
 CONFIG_NAME = "mmalign.json"

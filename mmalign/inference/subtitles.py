@@ -14,6 +14,7 @@ from typing import Any
 
 import srt
 import webvtt
+from webvtt.models import Timestamp
 
 LINE_WIDTH = 42
 
@@ -42,15 +43,10 @@ def to_srt(spans: Sequence[dict[str, Any]]) -> str:
     return srt.compose(subs)
 
 
-def _vtt_time(seconds: float) -> str:
-    millis = int(round(seconds * 1000))
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs, millis = divmod(rest, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
-
-
 def to_vtt(spans: Sequence[dict[str, Any]]) -> str:
     """WebVTT text for ``spans`` (``[{start, end, text}]``, seconds)."""
-    captions = [webvtt.Caption(_vtt_time(s), _vtt_time(e), t) for s, e, t in cues(spans)]
+    captions = [
+        webvtt.Caption(str(Timestamp.from_seconds(s)), str(Timestamp.from_seconds(e)), t)
+        for s, e, t in cues(spans)
+    ]
     return webvtt.WebVTT(captions=captions).content

@@ -1,58 +1,40 @@
-"""AlignmentModule: trains projector + adapters of a SpeechLLM; frozen parts never hit disk."""
+"""AlignmentModule: trains projector + adapters of a SpeechLLM; frozen parts never hit disk.
+
+The module is assembled from one part per concept: :mod:`~mmalign.lightning_modules.training`
+(the training step and its loss schedule), :mod:`~mmalign.lightning_modules.optimization` (the
+optimizer step), :mod:`~mmalign.lightning_modules.evaluation` (validation, test, prediction)
+and :mod:`~mmalign.lightning_modules.trainable` (checkpoints of the trainable weights); this
+module builds the model, checks the settings and wires data and optimizer.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from mmalign.data.tasks import TRANSLATION_TASKS
 from mmalign.encoders.base import Encoder
-from mmalign.eval.metrics import error_rates, example, translation_metrics
+from mmalign.eval.metrics import error_rates
+from mmalign.lightning_modules.evaluation import Evaluation
+from mmalign.lightning_modules.optimization import OptimizerStep
+from mmalign.lightning_modules.trainable import TrainableWeights
+from mmalign.lightning_modules.training import TrainingStep
+from mmalign.llm.calibration import calibrate
 from mmalign.llm.load import CausalLM
-from mmalign.llm.tuners import (
-    OFFSET_A,
-    OFFSET_B,
-    calibrate,
-    check_strategy,
-    offset_buffer_names,
-    sync_base_offsets,
-)
-from mmalign.model import CTC_TASKS, SpeechLLM
+from mmalign.llm.tuners import check_strategy
+from mmalign.model import SpeechLLM
 from mmalign.projectors.base import Projector
-
-log = logging.getLogger(__name__)
 
 ProjectorFactory = Callable[[int, int], Projector]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
-OFFSET_SUFFIXES = (OFFSET_A, OFFSET_B)  # adapter init offsets (see mmalign.llm.tuners)
 
 
-def _gather(items: list[Any]) -> list[Any]:
-    """Every rank's ``items``, rank by rank (the list itself without a process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, items)
-        return [o for part in parts for o in part]
-    return items
-
-
-def _clean(name: str) -> str:
-    """A parameter name without FSDP / activation-checkpoint wrapper parts (state dicts have
-    none)."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-class AlignmentModule(L.LightningModule):
+class AlignmentModule(TrainingStep, OptimizerStep, Evaluation, TrainableWeights, L.LightningModule):
     """Lightning wrapper around :class:`SpeechLLM`.
 
     Args:
@@ -104,7 +86,7 @@ class AlignmentModule(L.LightningModule):
         adapter_init_batches: training batches of the calibration pass that a data-driven
             adapter initialisation (``init_lora_weights`` ``eva``, ``corda``, ``lora_ga``,
             ``lora_one``) runs at the start of ``fit``, through the real forward and loss,
-            before the optimizer exists (see :mod:`mmalign.llm.tuners`); not when
+            before the optimizer exists (see :mod:`mmalign.llm.calibration`); not when
             ``init_from`` continues a trained adapter.
         task_adapters: modality/task-specific adapters: task -> adapter name(s), e.g.
             ``{asr: speech, st: [speech, translation]}``; each sample runs (and trains) only
@@ -129,13 +111,11 @@ class AlignmentModule(L.LightningModule):
         ctc_embed: with ``ctc_shrink``, the LLM reads the token embeddings weighted by the CTC
             head's posterior at each kept frame (LegoSLM) instead of the projector's frame.
 
-    Randomness inside a training step (LoRA and projector dropout) is seeded from
-    (``rate_seed``, step, batch index, rank), so a resumed run repeats an uninterrupted one.
-    Batches marked ``pad`` (ranks evened out at the end of an exact epoch) train with weight 0
-    and are not evaluated.
-
-    With a multi-rate projector, validation and test decode at every rate and log
-    ``val/wer_r{rate}`` (and ``cer``/``loss``) per rate, with ``val/wer`` at the default rate.
+    The training step, its randomness and pad batches:
+    :class:`~mmalign.lightning_modules.training.TrainingStep`; the optimizer step:
+    :class:`~mmalign.lightning_modules.optimization.OptimizerStep`; validation and test (per
+    rate with a multi-rate projector): :class:`~mmalign.lightning_modules.evaluation.Evaluation`;
+    checkpoints: :class:`~mmalign.lightning_modules.trainable.TrainableWeights`.
     """
 
     def __init__(
@@ -251,37 +231,6 @@ class AlignmentModule(L.LightningModule):
             if init_adapter == "continue":  # the adapter is trained: no data-driven init
                 self.model.llm.pending_init = None
 
-    def load_trained(self, checkpoint: str, skip_lora: bool = False) -> list[str]:
-        """Start from another run's trained weights (a curriculum stage): every trainable
-        tensor of ``checkpoint`` must exist here with the same shape; optimizer, scheduler and
-        step start afresh. ``skip_lora`` keeps this model's new LoRA (a fresh adapter)."""
-        from mmalign.checkpoint_io import load_checkpoint_file
-
-        ckpt = load_checkpoint_file(checkpoint)
-        state = {
-            k: v
-            for k, v in ckpt["state_dict"].items()
-            if not (skip_lora and ("lora_" in k or k.endswith(OFFSET_SUFFIXES)))
-            and not (k.startswith("model.ctc.") and self.model.ctc is None)  # alignment done
-        }
-        own = dict(self.state_dict())
-        trainable = self.trainable_names()
-        unknown = [k for k in state if k not in own or k not in trainable]
-        wrong = [
-            f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if unknown or wrong or not state:
-            raise ValueError(
-                f"model.init_from={checkpoint}: its weights do not fit this model "
-                f"(not trainable here: {unknown[:3]}; shape mismatches: {wrong[:3]}"
-                f"{'; nothing to load' if not state else ''})"
-            )
-        super().load_state_dict(state, strict=False)
-        sync_base_offsets(self.model.llm)
-        return sorted(state)
-
     def _check_rates(
         self, sampling: str, weights: list[float] | None, strategy: str
     ) -> list[float] | None:
@@ -323,74 +272,6 @@ class AlignmentModule(L.LightningModule):
                 "model.modality_dropout needs an audio-visual model (encoder + video_encoder)"
             )
         return dropout
-
-    def drop_modalities(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """The batch with some ``avsr`` samples turned into ``asr``/``vsr`` (modality dropout)."""
-        if not self.modality_dropout:
-            return batch
-        rng = np.random.default_rng([self.rate_seed, int(self.global_step), int(batch_idx), 7])
-        names = ["avsr", *self.modality_dropout]
-        p = [1.0 - sum(self.modality_dropout.values()), *self.modality_dropout.values()]
-        draws = rng.choice(len(names), size=len(batch["texts"]), p=p)
-        tasks = [
-            names[int(d)] if t == "avsr" else t
-            for t, d in zip(self.model._tasks(batch), draws, strict=True)
-        ]
-        return {**batch, "task": tasks}
-
-    def _default_rate(self) -> int:
-        """The rate ``val/wer`` is reported at: the projector's ``default_rate``, else its first."""
-        rates = self.model.rates or [0]
-        return int(getattr(self.model.projector, "default_rate", rates[0]))
-
-    def training_rates(self, batch_idx: int) -> list[int]:
-        """The rates this step trains: all of them, or one drawn from (seed, step, batch)."""
-        rates = self.model.rates
-        assert rates is not None and self.rate_weights is not None
-        if self.rate_sampling == "all":
-            return rates
-        rng = np.random.default_rng([self.rate_seed, int(self.global_step), int(batch_idx)])
-        p = np.asarray(self.rate_weights) / sum(self.rate_weights)
-        return [rates[int(rng.choice(len(rates), p=p))]]
-
-    # -- parameters and checkpoints -------------------------------------------------------
-
-    def trainable_names(self) -> set[str]:
-        """State-dict keys that a checkpoint carries: trainable parameters and projector buffers."""
-        names = {_clean(n) for n, p in self.named_parameters() if p.requires_grad}
-        names |= {f"model.projector.{n}" for n, _ in self.model.projector.named_buffers()}
-        names |= {_clean(f"model.llm.{n}") for n in offset_buffer_names(self.model.llm)}
-        if self.model.video_projector is not None:
-            buffers = self.model.video_projector.named_buffers()
-            names |= {f"model.video_projector.{n}" for n, _ in buffers}
-        return names
-
-    def num_trainable_parameters(self) -> int:
-        """Counted before any strategy shards the parameters (FSDP would show one shard)."""
-        if self._num_trainable is None:
-            self._num_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return self._num_trainable
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from mmalign.inference.export import CKPT_KEY, describe
-
-        checkpoint[CKPT_KEY] = describe(self.model)  # plain JSON types: loads with weights_only
-        keep = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign=False):
-        """Load trainable weights; every missing key must belong to a frozen part."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        sync_base_offsets(self.model.llm)  # frozen weights minus the loaded init offsets
-        trainable = self.trainable_names()
-        missing = [k for k in result.missing_keys if k in trainable]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                "checkpoint does not match the model: missing trainable keys "
-                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
-            )
-        return result
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -449,324 +330,3 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.print(f"trainable parameters: {self.num_trainable_parameters():,}")
-
-    # -- steps ----------------------------------------------------------------------------
-
-    def _log_skipped(self, batch: dict[str, Any]) -> None:
-        # batches carry the samples dropped as corrupt since the previous batch of their worker
-        self._skipped_total += int(batch.get("skipped", 0))
-        self.log("data/skipped", float(self._skipped_total), batch_size=len(batch["texts"]))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed = [self.rate_seed, int(self.global_step), int(batch_idx), int(self.global_rank), 11]
-        torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1))
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # a pad batch (ranks evened out) runs the same computation as any other, so DDP and
-        # FSDP see the same collectives on every rank, and trains with weight 0
-        pad = bool(batch.get("pad"))
-        bs = len(batch["texts"])
-        batch = self.drop_modalities(batch, batch_idx)
-        # summed over target tokens; on_before_optimizer_step divides the gradients by the
-        # optimizer step's token count (all micro-batches, all ranks): see _token_weighted
-        reduction = "sum" if self._token_weighted() else "mean"
-        n = self.model.target_tokens(batch)
-        per_token = n if reduction == "sum" else 1
-        llm_weight, ctc_weight = self.loss_weights(int(self.global_step))
-        encoded = projected = ctc = None
-        if ctc_weight > 0:  # the encoder and projector run once for both losses
-            encoded = self.model.encode(batch)
-            projected = self.model.project(batch, encoded)
-            ctc, skipped = self.model.ctc_loss(batch, projected)
-            ctc = ctc if reduction == "sum" else ctc / n
-            self._ctc_skipped += 0 if pad else skipped
-            if not pad:
-                self.log("train/ctc", ctc.detach() / per_token, prog_bar=True, batch_size=bs)
-                self.log("train/ctc_skipped", float(self._ctc_skipped), batch_size=bs)
-        if llm_weight == 0:
-            assert ctc is not None
-            loss = ctc_weight * ctc
-        elif self.model.rates is None:
-            loss = self.model(batch, encoded, reduction, projected)
-        else:
-            losses = self.model.loss_per_rate(
-                batch, self.training_rates(batch_idx), encoded, reduction
-            )
-            weight = dict(zip(self.model.rates, self.rate_weights or [], strict=True))
-            total = sum(weight[r] for r in losses)
-            loss = sum(weight[r] * v for r, v in losses.items()) / total
-            if not pad:
-                for r, v in losses.items():
-                    self.log(f"train/loss_r{r}", v.detach() / per_token, batch_size=bs)
-        if llm_weight > 0 and not pad:
-            self.log("train/loss", loss.detach() / per_token, prog_bar=True, batch_size=bs)
-        if llm_weight > 0 and ctc is not None:
-            loss = loss + ctc_weight * ctc
-        if pad:
-            return loss * 0.0  # no tokens: adds nothing to the step's gradient or its count
-        self._step_tokens += n
-        self._loss_finite = torch.isfinite(loss.detach()).all()  # read in optimizer_step: no sync
-        self._log_skipped(batch)
-        return loss
-
-    def loss_weights(self, step: int) -> tuple[float, float]:
-        """``(LLM loss weight, CTC weight)`` at optimizer step ``step``: CTC alone during the
-        first ``ctc_only_steps``, then the LLM loss plus ``ctc_weight`` x CTC. A function of the
-        step alone, so a resumed run follows the same schedule."""
-        if step < self.ctc_only_steps:
-            return 0.0, 1.0
-        return 1.0, self.ctc_weight
-
-    def _token_weighted(self) -> bool:
-        """Whether the step's gradient is the mean over its target tokens (every strategy whose
-        gradients mmalign sees: not DeepSpeed, which accumulates inside its engine)."""
-        trainer = self._trainer
-        return trainer is None or "DeepSpeed" not in type(trainer.strategy).__name__
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        """Make the gradient the mean over every target token of the optimizer step.
-
-        Each micro-batch's loss is a token sum, which Lightning divides by
-        ``accumulate_grad_batches`` and DDP/FSDP average over ranks; scaling by
-        ``accumulate * world_size / tokens`` (tokens summed over micro-batches and ranks) turns
-        that into the global token mean, so neither how the step was split into micro-batches
-        nor a rank's pad batch changes it.
-        """
-        tokens, self._step_tokens = self._step_tokens, 0
-        if self.global_step < self.projector_warmup_steps:  # AdamW skips a None gradient
-            for p in self.model.llm.parameters():
-                p.grad = None
-        if not self._token_weighted():
-            return
-        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        if not grads:
-            return
-        trainer = self.trainer
-        if trainer.world_size > 1:  # one collective (and one sync) per optimizer step
-            count = torch.tensor(float(tokens), device=grads[0].device)
-            tokens = int(trainer.strategy.reduce(count, reduce_op="sum").item())
-        scale = trainer.accumulate_grad_batches * trainer.world_size / max(tokens, 1)
-        torch._foreach_mul_(grads, scale)
-
-    def optimizer_step(
-        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
-    ) -> None:
-        """Skip the update when the loss or any gradient is not finite (all ranks agree).
-
-        One fused norm over all gradients tells, so the check costs one device sync, not one per
-        trainable tensor. A skipped step does not step the LR scheduler either (see
-        :meth:`lr_scheduler_step`), so the schedule stays in step with the optimizer.
-        """
-        self._skipped_update = False
-        if str(self.trainer.precision).startswith("16"):  # AMP's scaler skips such steps
-            optimizer.step(closure=optimizer_closure)
-            return
-        if optimizer_closure is not None:
-            optimizer_closure()
-        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        finite = torch.as_tensor(self._loss_finite)
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-            finite = finite.to(norm.device) & torch.isfinite(norm)
-        finite = bool(self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True))
-        self._loss_finite = True
-        if finite:
-            self._nonfinite_in_a_row = 0
-            optimizer.step()
-            return
-        self._skipped_update = True
-        self._step_tokens = 0
-        optimizer.zero_grad(set_to_none=True)
-        self._nonfinite_in_a_row += 1
-        self._nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self._nonfinite_total), rank_zero_only=True)
-        log.warning(
-            "step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
-            self.global_step,
-            self._nonfinite_in_a_row,
-            self._nonfinite_total,
-        )
-        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{self._nonfinite_in_a_row} steps in a row had non-finite loss or gradients "
-                f"(model.max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning "
-                "rate, check the data, or use bf16/fp32"
-            )
-
-    def lr_scheduler_step(self, scheduler: LRScheduler, metric: Any = None) -> None:
-        """Lightning steps schedulers after every optimizer step; not after a skipped one."""
-        if not self._skipped_update:
-            super().lr_scheduler_step(scheduler, metric)
-
-    def _sharded(self) -> bool:
-        """Parameters sharded across ranks (FSDP, DeepSpeed ZeRO-3): every forward is a
-        collective, so all ranks must decode the same number of steps."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return False
-        name = type(trainer.strategy).__name__
-        return "FSDP" in name or "DeepSpeed" in name
-
-    def _decode(self, batch: dict[str, Any], **kwargs: Any) -> list[str]:
-        if self._sharded():
-            kwargs.setdefault("synced_gpus", True)
-        return self.model.generate(
-            batch, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, **kwargs
-        )
-
-    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
-        # pad batches (ranks evened out) are computed like the rest and then dropped, so that
-        # sharded strategies see the same collectives on every rank
-        pad = bool(batch.get("pad"))
-        if pad and not self._sharded():
-            return
-        bs = len(batch["texts"])
-        rates = self.model.rates
-        encoded = self.model.encode(batch)  # once for the loss and the decoding
-        if self.model.ctc is not None and "audio" in encoded and not pad:
-            ctc = self.model.ctc_transcribe(batch, encoded)
-            tasks = self.model._tasks(batch)
-            self._ctc_outputs += [(r, h) for r, h, t in zip(batch["texts"], ctc, tasks, strict=True)
-                                  if t in CTC_TASKS]  # fmt: skip
-        if rates is None:
-            loss = self.model(batch, encoded)
-            hyps = self._decode(batch, encoded=encoded)
-            if not pad:
-                self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
-                self._collect(batch, hyps, None)
-            return
-        default = self._default_rate()
-        for r, loss in self.model.loss_per_rate(batch, rates, encoded).items():
-            if pad:
-                continue
-            self.log(f"{prefix}/loss_r{r}", loss, batch_size=bs, sync_dist=True)
-            if r == default:
-                self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
-        before = self.model.projector.rate
-        try:
-            for r in rates:
-                self.model.set_rate(r)
-                hyps = self._decode(batch, encoded=encoded)
-                if not pad:
-                    self._collect(batch, hyps, r)
-        finally:
-            self.model.set_rate(before)
-
-    def _collect(self, batch: dict[str, Any], hyps: list[str], rate: int | None) -> None:
-        tasks = self.model._tasks(batch)
-        for key, ref, hyp, task in zip(batch["keys"], batch["texts"], hyps, tasks, strict=True):
-            row = {"key": key, "task": task, "reference": ref, "hypothesis": hyp}
-            self._outputs.append(row if rate is None else {**row, "rate": rate})
-
-    def _task_metrics(self, prefix: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """``{prefix}/{task}/wer`` (and cer), or ``/bleu`` and ``/chrf`` for translation."""
-        per_task: dict[str, Any] = {}
-        for task in sorted({o["task"] for o in outputs}):
-            rows = [o for o in outputs if o["task"] == task]
-            refs, hyps = [o["reference"] for o in rows], [o["hypothesis"] for o in rows]
-            if task in TRANSLATION_TASKS:
-                m = translation_metrics(refs, hyps)
-                names = ("bleu", "chrf")
-            else:
-                m = error_rates(refs, hyps, self.normalizer)
-                names = ("wer", "cer")
-            for name in names:
-                self.log(f"{prefix}/{task}/{name}", m[name], rank_zero_only=True)
-            if not self.trainer.sanity_checking:
-                self.print(f"{prefix}/{task}/{names[0]} = {m[names[0]]:.4f} on {len(rows)}")
-            per_task[task] = m
-        return per_task
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        hyps = self._decode(batch)
-        if batch.get("pad"):  # decoded all the same: sharded strategies need every forward
-            return []
-        return [{"key": k, "text": h} for k, h in zip(batch["keys"], hyps, strict=True)]
-
-    def _gathered(self) -> list[dict[str, Any]]:
-        outputs, self._outputs = self._outputs, []
-        return _gather(outputs)
-
-    def _eval_end(self, prefix: str) -> dict[str, float] | None:
-        """Log per-rate, per-task and overall figures; ``{prefix}/wer`` is over the
-        transcription tasks at the default rate (what checkpoints monitor). With a CTC head,
-        ``{prefix}/ctc_wer`` is the WER of its best-path transcripts."""
-        ctc, self._ctc_outputs = self._ctc_outputs, []
-        if self.model.ctc is not None:  # every rank has the head: one collective on each
-            ctc = _gather(ctc)
-        if ctc:
-            m = error_rates([r for r, _ in ctc], [h for _, h in ctc], self.normalizer)
-            self.log(f"{prefix}/ctc_wer", m["wer"], rank_zero_only=True)
-            if not self.trainer.sanity_checking:
-                self.print(f"{prefix}/ctc_wer = {m['wer']:.4f} (CTC head, no LLM)")
-        outputs = self._gathered()
-        if not outputs:
-            return None
-        per_rate: dict[int, dict[str, float]] = {}
-        by_rate = outputs
-        if self.model.rates is not None:
-            for r in self.model.rates:
-                rows = [o for o in outputs if o["rate"] == r and o["task"] not in TRANSLATION_TASKS]
-                if not rows:
-                    continue
-                per_rate[r] = error_rates(
-                    [o["reference"] for o in rows], [o["hypothesis"] for o in rows], self.normalizer
-                )
-                self.log(f"{prefix}/wer_r{r}", per_rate[r]["wer"], rank_zero_only=True)
-                self.log(f"{prefix}/cer_r{r}", per_rate[r]["cer"], rank_zero_only=True)
-                if not self.trainer.sanity_checking:
-                    self.print(f"{prefix}/wer_r{r} = {per_rate[r]['wer']:.4f}")
-            outputs = [o for o in outputs if o["rate"] == self._default_rate()]
-        per_task = self._task_metrics(prefix, outputs)
-        transcribed = [o for o in outputs if o["task"] not in TRANSLATION_TASKS]
-        rates: dict[str, float] | None = None
-        if transcribed:
-            rates = error_rates(
-                [o["reference"] for o in transcribed],
-                [o["hypothesis"] for o in transcribed],
-                self.normalizer,
-            )
-            self.log(f"{prefix}/wer", rates["wer"], rank_zero_only=True)
-            self.log(f"{prefix}/cer", rates["cer"], rank_zero_only=True)
-            if not self.trainer.sanity_checking:
-                for o in transcribed[: self.log_examples]:
-                    self.print(example(o["reference"], o["hypothesis"]))
-                self.print(f"{prefix}/wer = {rates['wer']:.4f} on {len(transcribed)} utterances")
-        if prefix == "test" and self.trainer.is_global_zero:
-            metrics: dict[str, Any] = {"normalizer": self.normalizer, **(rates or {})}
-            if per_rate:
-                metrics["rate"] = self._default_rate()
-                metrics["rates"] = {str(r): v for r, v in per_rate.items()}
-            metrics["tasks"] = per_task
-            self._write_test(outputs, by_rate if per_rate else [], metrics)
-        return rates
-
-    def _write_test(
-        self, outputs: list[dict[str, Any]], by_rate: list[dict[str, Any]], metrics: dict
-    ) -> None:
-        """utterances.jsonl (default rate), utterances_r{rate}.jsonl, test_metrics.json."""
-        out_dir = Path(self.predictions_dir or self.trainer.log_dir or ".")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "utterances.jsonl", "w") as f:
-            for o in outputs:
-                f.write(json.dumps(o) + "\n")
-        for r in sorted({o["rate"] for o in by_rate}):
-            with open(out_dir / f"utterances_r{r}.jsonl", "w") as f:
-                for o in by_rate:
-                    if o["rate"] == r:
-                        f.write(json.dumps(o) + "\n")
-        with open(out_dir / "test_metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
-        self.print(f"test utterances and metrics written to {out_dir}")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")

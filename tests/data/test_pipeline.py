@@ -15,7 +15,8 @@ import webdataset as wds
 
 from mmalign.data.batching import DurationBatcher, estimate_num_batches, pack_sorted
 from mmalign.data.datamodule import ShardDataModule
-from mmalign.data.shards import encode_flac, prepare
+from mmalign.data.encoding import encode_flac
+from mmalign.data.shards import prepare
 
 
 def make_corpus(root: Path, n: int, shard_max_count: int, seed: int = 0) -> Path:

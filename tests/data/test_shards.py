@@ -11,8 +11,9 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
+from mmalign.data.encoding import sanitize_key
 from mmalign.data.index import read_index
-from mmalign.data.shards import prepare, sanitize_key
+from mmalign.data.shards import prepare
 
 
 def write_sine(path: Path, seconds: float, rate: int = 16000, channels: int = 1) -> int:

@@ -6,7 +6,7 @@ import torch
 
 
 def test_cpu_threads_leave_a_core_to_each_worker(monkeypatch):
-    from mmalign.data import datamodule
+    from mmalign.data import threads as datamodule
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -17,9 +17,10 @@ import webdataset as wds
 from mmalign.data.collate import collate
 from mmalign.data.datamodule import ShardDataModule
 from mmalign.data.decoding import decode_sample
+from mmalign.data.encoding import encode_flac
 from mmalign.data.features import WhisperFeatures
 from mmalign.data.index import read_index
-from mmalign.data.shards import encode_flac, prepare
+from mmalign.data.shards import prepare
 from mmalign.data.skips import SampleError
 from mmalign.data.video import (
     VideoTransform,

@@ -7,10 +7,11 @@ import struct
 
 import pytest
 import torch
+from encoders.ct2_writer import write_ct2_whisper
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from mmalign import assets
-from mmalign.encoders.ctranslate2 import load_ct2_whisper, read_ct2_header, write_ct2_whisper
+from mmalign.encoders.ctranslate2 import load_ct2_whisper, read_ct2_header
 
 TINY = dict(
     vocab_size=64,

@@ -9,12 +9,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from encoders.ct2_writer import write_ct2_whisper
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from mmalign import assets
 from mmalign.encoders.base import Encoder
-from mmalign.encoders.ctranslate2 import write_ct2_whisper
 from mmalign.encoders.whisper import WhisperEncoder, whisper_silence
 
 TINY = dict(

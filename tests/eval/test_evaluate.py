@@ -12,8 +12,9 @@ import soundfile as sf
 import torch
 
 from mmalign.cli import main
-from mmalign.eval.evaluate import evaluate, parse_snrs, translation_scores
-from mmalign.eval.metrics import error_rates
+from mmalign.eval.evaluate import evaluate
+from mmalign.eval.metrics import error_rates, translation_scores
+from mmalign.eval.sweep import parse_snrs
 from mmalign.model import SpeechLLM
 from mmalign.projectors.base import Projector
 from mmalign.projectors.compress import compress

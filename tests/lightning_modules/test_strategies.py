@@ -1,6 +1,6 @@
-"""LLMFSDPStrategy: the wrap policy read off the model, its settings, LLM activation
-checkpointing with LoRA, and a real 2-process FSDP fit on CPU (gloo) that saves trainable weights
-only and resumes, from sharded and from full checkpoints."""
+"""LLMFSDPStrategy (FSDP2): the units read off the model, its settings, LLM activation
+checkpointing with LoRA, and real 2-process FSDP fits on CPU (gloo): the same losses and weights
+as one process, and trainable-only checkpoints that resume exactly, from sharded and full ones."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from mmalign.lightning_modules.strategies import (
     no_split_classes,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RATE, HIDDEN, LORA_R = 2, 16, 4
 
 
@@ -105,26 +105,30 @@ def test_no_llm_means_no_guessing():
 # -- settings -------------------------------------------------------------------------------
 
 
-def test_use_orig_params_is_forced_and_full_state_dict_is_the_default():
+def test_full_state_dict_is_the_default_and_sharding_names_are_checked():
     s = LLMFSDPStrategy()
-    assert s.kwargs["use_orig_params"] is True and s._state_dict_type == "full"
-    with pytest.raises(ValueError, match="use_orig_params=True"):
-        LLMFSDPStrategy(use_orig_params=False)
+    assert s.state_dict_type == "full" and s.sharding_strategy == "FULL_SHARD"
+    assert LLMFSDPStrategy(sharding_strategy="shard_grad_op").sharding_strategy == "SHARD_GRAD_OP"
+    with pytest.raises(ValueError, match="strategy: ddp"):
+        LLMFSDPStrategy(sharding_strategy="NO_SHARD")
+    with pytest.raises(ValueError, match="HYBRID_SHARD only"):
+        LLMFSDPStrategy(device_mesh=[2, 8])
 
 
 def test_hybrid_sharding_needs_no_mesh_and_takes_one_from_yaml():
-    from torch.distributed.fsdp import ShardingStrategy
-
     s = LLMFSDPStrategy(sharding_strategy="HYBRID_SHARD")
-    assert s.sharding_strategy == ShardingStrategy.HYBRID_SHARD
+    assert s.sharding_strategy == "HYBRID_SHARD" and s.device_mesh_shape is None
     s = LLMFSDPStrategy(sharding_strategy="hybrid_shard", device_mesh=[2, 8])
-    assert s.kwargs["device_mesh"] == (2, 8)  # Lightning builds the mesh from a tuple only
+    assert s.device_mesh_shape == (2, 8)  # [replicas, shards]: Lightning's 2-D mesh
 
 
-def test_trainer_precision_clips_by_norm_through_the_root_module():
-    import lightning as L
-
-    from mmalign.lightning_modules.strategies import _RootClipFSDPPrecision
+def test_trainer_precision_clips_dtensor_gradients_by_their_global_norm(tmp_path):
+    """Lightning's own precision plugins clip by norm (its FSDP1 plugin refused to): their
+    ``torch.nn.utils.clip_grad_norm_`` sees the sharded (DTensor) gradients of an FSDP2 module
+    and clips them by the norm over all shards."""
+    import torch.distributed as dist
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from torch.distributed.fsdp import fully_shard
 
     for precision in ("bf16-true", "bf16-mixed", "32-true"):
         trainer = L.Trainer(
@@ -136,17 +140,20 @@ def test_trainer_precision_clips_by_norm_through_the_root_module():
             enable_checkpointing=False,
         )
         plugin = trainer.strategy.precision_plugin
-        assert isinstance(plugin, _RootClipFSDPPrecision) and plugin.precision == precision
+        assert not isinstance(plugin, FSDPPrecision) and plugin.precision == precision
 
-    calls = []
-
-    class Root:
-        def clip_grad_norm_(self, value):
-            calls.append(value)
-
-    plugin.root = Root()
-    plugin.clip_grad_by_norm(None, 0.5)
-    assert calls == [0.5]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        layer = fully_shard(torch.nn.Linear(4, 4))
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer(torch.ones(2, 4)).pow(2).sum().backward()
+        before = torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()])
+        assert type(layer.weight.grad).__name__ == "DTensor" and before.full_tensor() > 0.5
+        plugin.clip_gradients(optimizer, 0.5, "norm")
+        after = torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()])
+        torch.testing.assert_close(after.full_tensor(), torch.tensor(0.5))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_strategy_names_are_registered():
@@ -166,7 +173,7 @@ def test_fsdp_fragments_build_their_strategy(path):
     strategy = yaml.safe_load(path.read_text())["trainer"]["strategy"]
     assert strategy["class_path"] == "mmalign.lightning_modules.strategies.LLMFSDPStrategy"
     s = LLMFSDPStrategy(**strategy["init_args"])
-    assert s.activation_checkpointing and s.kwargs["use_orig_params"] is True
+    assert s.activation_checkpointing and s.state_dict_type == "full"
 
 
 # -- activation checkpointing of the LLM ----------------------------------------------------
@@ -229,22 +236,32 @@ def test_checkpointing_refuses_all_rates_with_per_rate_adapters(tokenizer_dir):
 
 class DumpTrainable(L.Callback):
     """Used by the subprocesses (as ``test_strategies.DumpTrainable``): once the checkpoint
-    is restored, rank 0 writes every trainable weight, gathered from the FSDP shards."""
+    is restored, rank 0 writes every trainable weight and the optimizer state (keyed by
+    parameter name), gathered from the FSDP shards."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
-        with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
-            weights = {
-                n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
-                for n, p in module.named_parameters()
-                if p.requires_grad
-            }
+        weights = gathered_trainable(module)  # collectives: every rank
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer = get_optimizer_state_dict(module, trainer.optimizers[0], options=options)
         if trainer.is_global_zero:
-            torch.save(weights, self.path)
+            torch.save({"weights": weights, "optimizer": optimizer}, self.path)
+
+
+def gathered_trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole (``full_tensor`` of an FSDP2 shard)."""
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    }
 
 
 def expected_trainable() -> int:
@@ -313,29 +330,22 @@ def fsdp_config(
     return path
 
 
-def torchrun_fit(config: Path, *args: str, timeout: float = 300) -> str:
-    """``torchrun --nproc-per-node 2 -m mmalign fit --config <config> <args>``."""
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> str:
+    """``torchrun --nproc-per-node <nproc> <args>``, with the tests importable."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
+    tests = [str(REPO / "tests" / "lightning_modules"), str(REPO / "tests"), str(REPO)]
+    env["PYTHONPATH"] = os.pathsep.join([*tests, env.get("PYTHONPATH", "")])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29700 + os.getpid() % 1000),
-        "-m",
-        "mmalign",
-        "fit",
-        "--config",
-        str(config),
-        *args,
-    ]
+    port = str(29700 + os.getpid() % 1000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     try:
         proc = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+            [*cmd, "--master-port", port, *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"timed out (a hang?):\n{str(e.stdout)[-4000:]}") from None
@@ -344,12 +354,18 @@ def torchrun_fit(config: Path, *args: str, timeout: float = 300) -> str:
     return out
 
 
+def torchrun_fit(config: Path, *args: str, nproc: int = 2) -> str:
+    """``torchrun --nproc-per-node <nproc> -m mmalign fit --config <config> <args>``."""
+    return torchrun("-m", "mmalign", "fit", "--config", str(config), *args, nproc=nproc)
+
+
 def test_fsdp_two_cpu_processes_save_trainable_weights_only_and_resume(
     tmp_path, tokenizer_dir, three_shards
 ):
     """2 processes, gloo: FSDP units, LLM activation checkpointing and clipping by norm; a
-    sharded checkpoint of trainable weights only resumes (into a full one), which resumes too.
-    About 40 s on two cores."""
+    sharded checkpoint of trainable weights only resumes (into a full one), which resumes too,
+    under FSDP and in one process: weights and optimizer state exactly as saved. About 45 s
+    on two cores."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -374,11 +390,12 @@ def test_fsdp_two_cpu_processes_save_trainable_weights_only_and_resume(
         if k.startswith("model.")
     }
     assert stored == trainable, (
-        "an FSDP checkpoint must hold exactly the trainable weights; if LoRA keys are missing, "
-        "AlignmentModule.trainable_names() still has FSDP's '_fsdp_wrapped_module.' in its names"
+        "an FSDP checkpoint must hold exactly the trainable weights (and projector and offset "
+        "buffers): AlignmentModule.trainable_names()"
     )
     dcp_to_torch_save(sharded, tmp_path / "step4.pt")
-    step4 = torch.load(tmp_path / "step4.pt", weights_only=True)["model"]
+    step4_all = torch.load(tmp_path / "step4.pt", weights_only=True)
+    step4 = step4_all["model"]
 
     # resume from the shards (trainable keys only) into full checkpoints
     (tmp_path / "ckpt" / "last.ckpt").rename(tmp_path / "step4.ckpt")
@@ -388,9 +405,17 @@ def test_fsdp_two_cpu_processes_save_trainable_weights_only_and_resume(
         with_dump, *strategy, "--trainer.max_steps=6", "--ckpt_path", str(tmp_path / "step4.ckpt")
     )
     restored = torch.load(dump, weights_only=True)
-    assert restored.keys() == {k for k in trainable if k in dict(module.named_parameters())}
-    for k, v in restored.items():
+    assert restored["weights"].keys() == {
+        k for k in trainable if k in dict(module.named_parameters())
+    }
+    for k, v in restored["weights"].items():
         torch.testing.assert_close(v, step4[k], rtol=0, atol=0, msg=k)
+    # and the optimizer state (AdamW's moments and steps), exactly
+    stored_optimizer = step4_all["optimizer_0"]
+    assert restored["optimizer"]["state"].keys() == stored_optimizer["state"].keys()
+    torch.testing.assert_close(
+        restored["optimizer"]["state"], stored_optimizer["state"], rtol=0, atol=0
+    )
 
     last = tmp_path / "ckpt" / "last.ckpt"
     full = torch.load(last, weights_only=True)
@@ -401,6 +426,119 @@ def test_fsdp_two_cpu_processes_save_trainable_weights_only_and_resume(
     # and a full checkpoint resumes (read with weights_only=True, its keys checked)
     torchrun_fit(with_dump, *strategy, "--trainer.max_steps=7", "--ckpt_path", str(last))
     restored = torch.load(dump, weights_only=True)
-    for k, v in restored.items():
+    for k, v in restored["weights"].items():
         torch.testing.assert_close(v, full["state_dict"][k], rtol=0, atol=0, msg=k)
+    # the full file numbers parameters as one process does: the optimizer's own order
+    order = restored["optimizer"]["param_groups"][0]["params"]
+    by_index = full["optimizer_states"][0]["state"]
+    assert set(by_index) == set(range(len(order)))
+    by_name = {order[i]: v for i, v in by_index.items()}
+    torch.testing.assert_close(restored["optimizer"]["state"], by_name, rtol=0, atol=0)
     assert torch.load(last, weights_only=True)["global_step"] == 7
+
+    # which is a single-process checkpoint: one process without FSDP resumes from it
+    full = torch.load(last, weights_only=True)
+    torchrun_fit(
+        with_dump, "--trainer.devices=1", "--trainer.max_steps=8", "--ckpt_path", str(last), nproc=1
+    )
+    restored = torch.load(dump, weights_only=True)
+    for k, v in restored["weights"].items():
+        torch.testing.assert_close(v, full["state_dict"][k], rtol=0, atol=0, msg=k)
+    by_index = full["optimizer_states"][0]["state"]
+    by_name = {order[i]: v for i, v in by_index.items()}
+    torch.testing.assert_close(restored["optimizer"]["state"], by_name, rtol=0, atol=0)
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+
+
+# -- 2 processes = 1 process ----------------------------------------------------------------
+
+CLIP, STEPS = 0.05, 3
+
+
+class RecordLosses(L.Callback):
+    """Each micro-batch's loss (its token sum, undoing Lightning's division by accumulation)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+
+def micro_batches() -> list[dict]:
+    """Six micro-batches of 1-3 utterances (unequal token counts): 3 steps of 2."""
+    torch.manual_seed(3)
+    return [tiny_batch(n=1 + i % 3) for i in range(2 * STEPS)]
+
+
+def train_steps(
+    tokenizer_dir: Path, batches: list[dict], **trainer_kwargs: Any
+) -> tuple[list[float], Any]:
+    """(losses, module) after ``STEPS`` optimizer steps of SGD with momentum over ``batches``
+    in their order: accumulated 2 at a time in one process, or one per rank."""
+    from torch.utils.data import DataLoader
+
+    module = tiny_module(
+        tokenizer_dir, optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9)
+    )
+    record = RecordLosses()
+    trainer_kwargs.setdefault("accumulate_grad_batches", 2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+        use_distributed_sampler=False,  # Lightning's would shuffle
+        **trainer_kwargs,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return record.losses, module
+
+
+def two_process_run(tokenizer_dir: Path, out: Path) -> None:
+    """The torchrun side of :func:`test_two_fsdp_processes_match_one_process`: rank r takes
+    micro-batches r, r + 2, r + 4."""
+    import torch.distributed as dist
+
+    strategy = LLMFSDPStrategy(activation_checkpointing=True, wrap_encoders=True)
+    losses, module = train_steps(
+        tokenizer_dir,
+        micro_batches()[int(os.environ["RANK"]) :: 2],
+        devices=2,
+        strategy=strategy,
+        accumulate_grad_batches=1,
+        gradient_clip_val=CLIP,
+    )
+    weights = gathered_trainable(module)
+    every: list[Any] = [None, None]
+    dist.all_gather_object(every, losses)
+    if dist.get_rank() == 0:
+        interleaved = [loss for step in zip(*every, strict=True) for loss in step]
+        torch.save({"losses": interleaved, "weights": weights}, out / "fsdp.pt")
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_two_fsdp_processes_match_one_process(tmp_path, tokenizer_dir):
+    """2 processes under LLMFSDPStrategy (units, activation checkpointing, clipping by norm)
+    give each micro-batch the loss one process gives it, and end on the same weights: the
+    sharded model, its token-mean gradient and the global clipping norm are those of one
+    process. Clipping is engaged: without it one process ends elsewhere."""
+    torchrun(__file__, "two_process_run", str(tokenizer_dir), str(tmp_path))
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    losses, module = train_steps(tokenizer_dir, micro_batches(), gradient_clip_val=CLIP)
+    _, unclipped = train_steps(tokenizer_dir, micro_batches())
+    assert len(losses) == 2 * STEPS
+    torch.testing.assert_close(fsdp["losses"], losses, rtol=1e-4, atol=1e-5)
+    weights = gathered_trainable(module)
+    assert fsdp["weights"].keys() == weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(fsdp["weights"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    moved = dict(unclipped.named_parameters())
+    assert any(not torch.allclose(moved[n], v, atol=1e-5) for n, v in weights.items())
+
+
+if __name__ == "__main__":  # under torchrun: `test_strategies.py <function> <args>`
+    globals()[sys.argv[1]](*map(Path, sys.argv[2:]))

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_batch, tiny_llm_config, tiny_whisper_config
 from torch import nn
 
-from mmalign.llm import lora_one, tuners
+from mmalign.llm import calibration, lora_one, offsets, tuners
 from mmalign.llm.lora_one import GradientSketch, lora_one_factors, sketch_gradients, sketch_rank
 
 QV = ["q_proj", "v_proj"]
@@ -171,7 +171,7 @@ def test_lora_one_on_the_llm_matches_a_dense_backward(tokenizer_dir):
     )
     model = _speech_llm(adapter, tokenizer_dir)
     batches = [tiny_batch()]
-    layers = tuners.lora_layers(model.llm.model)
+    layers = offsets.lora_layers(model.llm.model)
     weights = {n: layer.get_base_layer().weight for n, layer in layers}
     before = {n: w.detach().clone() for n, w in weights.items()}
     # the reference: a plain full backward with every target weight requiring grad
@@ -186,7 +186,7 @@ def test_lora_one_on_the_llm_matches_a_dense_backward(tokenizer_dir):
     for w in weights.values():
         w.requires_grad_(False)
 
-    assert tuners.initialize_adapter(model.llm, model, batches) == "lora_one"
+    assert calibration.initialize_adapter(model.llm, model, batches) == "lora_one"
     for name, layer in layers:
         U, S, Vh = torch.linalg.svd(-reference[name])
         B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight

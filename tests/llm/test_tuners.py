@@ -18,7 +18,7 @@ from conftest import (
 
 from mmalign.cli import cli_main, main
 from mmalign.inference.export import load_checkpoint, load_exported
-from mmalign.llm import tuners
+from mmalign.llm import calibration, offsets, tuners
 from mmalign.llm.load import CausalLM
 
 QV = ["q_proj", "v_proj"]
@@ -198,7 +198,7 @@ def test_data_driven_inits_change_the_adapter(tokenizer_dir):
         w0 = q.base_layer.weight.detach().clone()
         assert model.llm.pending_init == init
         loss0 = _loss(model, batches[0])
-        assert tuners.initialize_adapter(model.llm, model, batches) == init
+        assert calibration.initialize_adapter(model.llm, model, batches) == init
         assert model.llm.pending_init is None
         assert q.lora_B["default"].weight.abs().sum() > 0
         assert torch.equal(q.base_layer.weight, w0) != keeps_output, init
@@ -219,10 +219,10 @@ def test_offsets_follow_a_loaded_checkpoint(tokenizer_dir):
     original = q.base_layer.weight + q.scaling["default"] * (B0 @ A0)
     with torch.no_grad():
         q.init_offset_A.mul_(0.5)
-    assert tuners.sync_base_offsets(model.llm) == 1
+    assert offsets.sync_base_offsets(model.llm) == 1
     expected = original - q.scaling["default"] * (B0 @ (0.5 * A0))
     torch.testing.assert_close(q.base_layer.weight, expected, rtol=1e-5, atol=1e-6)
-    assert tuners.sync_base_offsets(model.llm) == 0
+    assert offsets.sync_base_offsets(model.llm) == 0
 
 
 def _cfg(init: str) -> dict:
