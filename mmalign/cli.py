@@ -415,6 +415,10 @@ def _dispatch(argv: list[str], from_command_line: bool, debug: bool) -> None:
             + " ".join([*EXTRA, *PLAIN])
             + "\n(--debug anywhere, or MMALIGN_DEBUG=1: tracebacks instead of one-line errors)"
         )
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        from mmalign.lightning_modules.config_check import precheck
+
+        precheck(argv[1:])  # before Lightning loads: a wrong value fails in seconds
     # LightningCLI reads sys.argv itself
     cli_main(None if from_command_line else argv, exit_on_error=debug)
 

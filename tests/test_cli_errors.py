@@ -167,5 +167,33 @@ def test_debug_brings_the_traceback_back(config, tmp_path, how):
     assert (
         run.stderr.strip()
         .splitlines()[-1]
-        .startswith("mmalign.lightning_modules.cli.ConfigError: data.train=")
+        .startswith("mmalign.lightning_modules.config_check.ConfigError: data.train=")
     )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "--model.optimizer.init_args.lr=-1",
+        "--model.projector.init_args.rate=0",
+        "--model.llm.init_args.adapter.init_args.r=eight",
+        "--data.val=/no/such/shards",
+        "--model.llm.init_args.source=nobody/no-such-model",
+    ],
+)
+def test_config_errors_stop_before_lightning_is_imported(config, tmp_path, extra):
+    """Importing Lightning alone takes about 3 s here: these errors must not wait for it."""
+    probe = (
+        "import sys\n"
+        "from mmalign.cli import main\n"
+        "try:\n"
+        f"    main({fit(config, extra)!r})\n"
+        "except SystemExit:\n"
+        "    print('lightning loaded:', 'lightning' in sys.modules)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("MMALIGN_DEBUG", None)
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert "lightning loaded: False" in run.stdout, run.stderr[-2000:]

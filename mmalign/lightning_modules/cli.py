@@ -6,60 +6,13 @@ A module-level class (not one made inside a function), so that launchers that pi
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from mmalign.assets import check_source
 from mmalign.checkpoint_io import CheckpointLoadError, checkpoint_plugins, load_checkpoint_file
-
-SPLITS = ("train", "val", "test", "predict")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names its field."""
-
-
-def _leaves(value: Any, key: str) -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf under ``value``, lists included (``a.b[0].c``)."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{key}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{key}[{i}]")
-    else:
-        yield key, value
-
-
-def check_config(config: Namespace) -> None:
-    """What the config alone can tell, checked before any class is built: the learning rate,
-    that model sources exist (or can be fetched) and that every data split has shards. Each of
-    these otherwise fails only after the models have loaded, or after a minute of hub retries."""
-    from mmalign.data.shardset import resolve_shards
-
-    lr = config.get("model.optimizer.init_args.lr")
-    if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"model.optimizer.init_args.lr={lr}: the learning rate must be > 0")
-    for key, value in _leaves(config.get("model"), "model"):
-        if key.rsplit(".", 1)[-1] in ("source", "tokenizer") and isinstance(value, str):
-            check_source(value, key)
-    for split in SPLITS:
-        spec = config.get(f"data.{split}")
-        sources = spec if isinstance(spec, list) else [] if spec is None else [spec]
-        for i, src in enumerate(sources):
-            shards = src if isinstance(src, str) else src.get("shards")
-            try:
-                resolve_shards(shards)
-            except (OSError, ValueError) as exn:
-                key = f"data.{split}" + (f"[{i}].shards" if isinstance(spec, list) else "")
-                raise ConfigError(f"{key}={shards!r}: {exn}") from exn
+from mmalign.lightning_modules.config_check import check_config
 
 
 class MMAlignCLI(LightningCLI):
