@@ -149,6 +149,13 @@ def decode_sample(
     sample["audio"] = wave
     sample["duration"] = wave.numel() / sample_rate
     _check_duration(sample["duration"], max_audio_seconds, min_audio_seconds)
+    return _with_task(sample, task, target_lang, max_text_chars)
+
+
+def _with_task(
+    sample: dict[str, Any], task: str | None, target_lang: str | None, max_text_chars: int | None
+) -> dict[str, Any]:
+    """The sample's target text for its task, refused when longer than ``max_text_chars``."""
     try:
         sample = apply_task(sample, task, target_lang)
     except TaskError as exn:
@@ -201,12 +208,4 @@ def decode_cached_sample(
         "encoder_features": torch.from_numpy(feats),
         "duration": float(duration),
     }
-    try:
-        sample = apply_task(sample, task, target_lang)
-    except TaskError as exn:
-        raise SampleError(str(exn).replace(" into ", ": into ", 1)) from exn
-    if max_text_chars is not None and len(sample["text"]) > max_text_chars:
-        raise SampleError(
-            f"text too long: {len(sample['text'])} characters > max_text_chars={max_text_chars}"
-        )
-    return sample
+    return _with_task(sample, task, target_lang, max_text_chars)
