@@ -15,9 +15,10 @@ import importlib.util
 import json
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmalign.atomic import atomic_write_text
 
 __all__ = [
     "PINNED",
@@ -131,10 +132,7 @@ def sha256_file(path: str | Path, use_cache: bool = True) -> str:
     cache[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": _MEMO[key]}
     try:  # best effort, written atomically so concurrent ranks never read half a file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as out:
-            json.dump(cache, out, indent=1)
-        os.replace(tmp, cache_file)
+        atomic_write_text(cache_file, json.dumps(cache, indent=1))
     except OSError:
         pass
     return _MEMO[key]

@@ -11,7 +11,6 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 from mmalign.llm.prompt import (
     IGNORE_INDEX,
     attention_inputs,
-    block_causal_mask,
     first_fit_decreasing,
     padding_efficiency,
     splice,
@@ -100,21 +99,14 @@ def test_splice_packs_rows_with_restarting_positions():
     assert flat.inputs_embeds.shape == (1, 20, 4) and padding_efficiency(flat) == 1.0
 
 
-def test_block_causal_mask():
-    seq = torch.tensor([[0, 0, 1, 1, -1]])
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0],
-            [0, 0, 1, 0, 0],
-            [0, 0, 1, 1, 0],
-            [0, 0, 0, 0, 1],
-        ],
-        dtype=torch.bool,
-    )
-    assert torch.equal(block_causal_mask(seq)[0, 0], expected)
-    additive = block_causal_mask(seq, torch.float32)[0, 0]
-    assert torch.equal(additive == 0, expected)
+def test_packed_positions_give_transformers_the_sample_blocks():
+    """Packed rows pass no mask: transformers builds the block-diagonal causal mask from the
+    restarting positions, one block per sample and one for the padding run."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    positions = torch.tensor([[0, 1, 0, 1, 0]])  # two samples of 2, then padding
+    blocks = find_packed_sequence_indices(positions)
+    assert torch.equal(blocks, torch.tensor([[0, 0, 1, 1, 2]]))
 
 
 @pytest.fixture

@@ -37,31 +37,23 @@ def normalize(texts: Sequence[str], name: str = "english") -> list[str]:
 def error_rates(
     references: Sequence[str], hypotheses: Sequence[str], normalize_with: str = "english"
 ) -> dict[str, float]:
-    """Corpus WER and CER plus error counts.
-
-    Empty references (after normalisation) are allowed: their hypothesis words count as
-    insertions, which jiwer alone refuses to score.
-    """
+    """Corpus WER and CER plus error counts. An empty reference (after normalisation) scores
+    its hypothesis's words as insertions (jiwer 4 aligns it like any other)."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     refs = normalize(references, normalize_with)
     hyps = normalize(hypotheses, normalize_with)
-    keep = [i for i, r in enumerate(refs) if r]
-    extra_words = sum(len(hyps[i].split()) for i in range(len(refs)) if not refs[i])
-    extra_chars = sum(len(hyps[i]) for i in range(len(refs)) if not refs[i])
-    s = d = ins = hits = 0
-    c_err = c_ref = 0
-    if keep:
-        w = jiwer.process_words([refs[i] for i in keep], [hyps[i] for i in keep])
+    s = d = ins = hits = c_err = c_ref = 0
+    if refs:
+        w = jiwer.process_words(refs, hyps)
         s, d, ins, hits = w.substitutions, w.deletions, w.insertions, w.hits
-        c = jiwer.process_characters([refs[i] for i in keep], [hyps[i] for i in keep])
+        c = jiwer.process_characters(refs, hyps)
         c_err = c.substitutions + c.deletions + c.insertions
         c_ref = c.substitutions + c.deletions + c.hits
-    ins += extra_words
     n_ref = s + d + hits
     return {
         "wer": (s + d + ins) / max(n_ref, 1),
-        "cer": (c_err + extra_chars) / max(c_ref, 1),
+        "cer": c_err / max(c_ref, 1),
         "substitutions": s,
         "deletions": d,
         "insertions": ins,

@@ -164,20 +164,6 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return rows
 
 
-def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """``[R, 1, L, L]`` mask letting each position see the earlier positions of its own sample
-    (padding, id -1, sees earlier padding, so no row is fully masked). Boolean (True = attend,
-    for SDPA) or, for a float ``dtype``, additive (0 / dtype min, for eager attention)."""
-    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    n = sequence_ids.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=sequence_ids.device).tril()
-    mask = (same & causal)[:, None]
-    if dtype == torch.bool:
-        return mask
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, torch.finfo(dtype).min)
-
-
 def is_flash(attn_implementation: str | None) -> bool:
     """FlashAttention kernels (``flash_attention_2``/``_3``, hub kernels): padding-free varlen."""
     return "flash" in str(attn_implementation or "")
@@ -187,10 +173,9 @@ def attention_inputs(s: Spliced, attn_implementation: str | None) -> dict[str, A
     """The LLM call's masking keyword arguments for ``s`` under transformers 5.
 
     Unpacked: the 2D padding mask. Packed rows: ``position_ids`` (RoPE restarts per sample)
-    plus a block-diagonal causal 4D mask, which transformers' ``masking_utils`` passes through
-    unchanged: boolean for ``sdpa``, additive for ``eager``; any other implementation gets no
-    mask and derives the same blocks from the restarting ``position_ids`` (``masking_utils``
-    does so whenever the 2D mask is None). Flat (one unpadded row, FlashAttention): no mask,
+    and no mask: transformers' ``masking_utils`` then builds the block-diagonal causal mask
+    from the restarting positions itself (``find_packed_sequence_indices``). Flat (one
+    unpadded row, FlashAttention): no mask,
     ``position_ids`` and the varlen boundaries ``cu_seq_lens_q/k``, ``max_length_q/k`` that
     ``flash_attn_varlen_func`` takes (also for padded rows: the kernel sees all positions
     flattened, each padding run a segment of its own). Packed, ``use_cache=False`` comes too:
@@ -212,10 +197,6 @@ def attention_inputs(s: Spliced, attn_implementation: str | None) -> dict[str, A
         cu = torch.cat([starts, total]).to(torch.int32)
         longest = int(cu.diff().max())
         out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    elif impl == "sdpa":
-        out["attention_mask"] = block_causal_mask(s.sequence_ids)
-    elif impl == "eager":
-        out["attention_mask"] = block_causal_mask(s.sequence_ids, s.inputs_embeds.dtype)
     return out
 
 
