@@ -57,11 +57,14 @@ def prepare(
         video_fps: frame rate of videos whose manifest line and container give none.
         crop: fixed mouth box ``[x, y, w, h]`` cut from every video (default: clips are
             already mouth regions).
-        format: ``auto`` (``.tsv`` is CoVoST, a folder with ``data/*/txt/*.yaml`` MuST-C,
-            another folder audio+.txt, another file a manifest), ``manifest``, ``folder``,
-            ``covost`` or ``mustc``.
+        format: ``auto`` (``.tsv`` is CoVoST, a folder with ``data/*/txt/*.yaml`` MuST-C, one
+            with ``clips/`` and TSVs Common Voice, one with ``speaker/chapter/*.trans.txt``
+            LibriSpeech, another folder audio+.txt, another file a manifest), ``manifest``,
+            ``folder``, ``covost``, ``mustc``, ``librispeech`` or ``common_voice``.
         split: MuST-C split to read (``train``, ``dev``, ``tst-COMMON`` ...; needed when there
-            are several), or the rows of a combined CoVoST TSV.
+            are several), the rows of a combined CoVoST TSV, the Common Voice TSV (``train``,
+            ``dev``, ``test`` ...) or LibriSpeech split folders under the root, comma-separated
+            (``train-clean-100,train-clean-360,train-other-500``).
         source_lang: source language when the CoVoST file or MuST-C folder name does not say.
         target_lang: target language, likewise.
         clips: folder of a CoVoST TSV's Common Voice clips (default ``<tsv folder>/clips``).

@@ -45,7 +45,8 @@ from mmalign.data.video import Box, decode_video
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif", ".au")
-FORMATS = ("auto", "manifest", "folder", "covost", "mustc")
+FORMATS = ("auto", "manifest", "folder", "covost", "mustc", "librispeech", "common_voice")
+FOLDER_FORMATS = ("folder", "mustc", "librispeech", "common_voice")
 
 
 @dataclass
@@ -231,11 +232,17 @@ def resolve_format(source: Path, fmt: str) -> str:
         raise ValueError(f"prepare: format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "auto":
         if source.is_dir():
+            from mmalign.data.sources.common_voice import is_common_voice
+            from mmalign.data.sources.librispeech import is_librispeech
             from mmalign.data.sources.mustc import is_mustc
 
-            return "mustc" if is_mustc(source) else "folder"
+            if is_mustc(source):
+                return "mustc"
+            if is_common_voice(source):
+                return "common_voice"
+            return "librispeech" if is_librispeech(source) else "folder"
         return "covost" if source.suffix.lower() == ".tsv" else "manifest"
-    if fmt in ("folder", "mustc") and not source.is_dir():
+    if fmt in FOLDER_FORMATS and not source.is_dir():
         raise ValueError(f"prepare: format {fmt!r} needs a folder, {source} is a file")
     if fmt in ("manifest", "covost") and source.is_dir():
         raise ValueError(f"prepare: format {fmt!r} needs a file, {source} is a folder")
@@ -261,13 +268,21 @@ def corpus_items(
         from mmalign.data.sources.covost import read_covost
 
         imported = read_covost(source, clips=clips, split=split, **langs)
+    elif fmt == "librispeech":
+        from mmalign.data.sources.librispeech import read_librispeech
+
+        imported = read_librispeech(source, split=split)
+    elif fmt == "common_voice":
+        from mmalign.data.sources.common_voice import read_common_voice
+
+        imported = read_common_voice(source, split=split)
     else:
         from mmalign.data.sources.mustc import read_mustc
 
         imported = read_mustc(source, split=split, **langs)
     skipped.extend(imported.skipped)
     if root is None:
-        root = source if fmt == "mustc" else covost_clips(source, clips)
+        root = covost_clips(source, clips) if fmt == "covost" else source
     items = []
     for entry in imported.entries:
         item = object_item(entry.record, source.parent, entry.source, entry.line, skipped, root)

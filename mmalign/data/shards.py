@@ -161,8 +161,10 @@ def prepare(
     (None: clips are already mouth regions). A clip the box does not fit is skipped.
 
     ``format`` is ``manifest``, ``folder``, ``covost`` (a CoVoST 2 TSV; ``clips`` is the folder
-    of its Common Voice clips, default ``<tsv folder>/clips``) or ``mustc`` (a MuST-C pair folder
-    such as ``en-de``); ``auto`` picks ``covost`` for ``.tsv`` files, ``mustc`` for folders with
+    of its Common Voice clips, default ``<tsv folder>/clips``), ``mustc`` (a MuST-C pair folder
+    such as ``en-de``), ``librispeech`` (a split folder or the root; ``split`` picks subfolders,
+    comma-separated) or ``common_voice`` (a release folder; ``split`` picks the TSV); ``auto``
+    recognises each layout, and picks ``covost`` for ``.tsv`` files, ``mustc`` for folders with
     ``data/*/txt/*.yaml``, ``folder`` for other folders and ``manifest`` for other files.
     ``split`` chooses the MuST-C split (or the rows of a combined CoVoST TSV), ``source_lang``
     and ``target_lang`` the languages when the file or folder name does not tell them.
@@ -199,8 +201,10 @@ def prepare(
     if fmt != "covost" and clips is not None:
         raise ValueError(f"prepare: clips only applies to CoVoST TSVs, not format {fmt!r}")
     given = sorted(name for name, value in corpus_options.items() if value is not None)
-    if fmt not in ("covost", "mustc") and given:
-        raise ValueError(f"prepare: {given} only apply to covost and mustc, not format {fmt!r}")
+    takes = {"covost": given, "mustc": given, "librispeech": ["split"], "common_voice": ["split"]}
+    if set(given) - set(takes.get(fmt, [])):
+        fits = " and ".join(f for f, t in takes.items() if set(given) <= set(t))
+        raise ValueError(f"prepare: {given} only apply to {fits}, not format {fmt!r}")
     if prefix != sanitize_key(prefix):
         raise ValueError(f"prepare: prefix {prefix!r} must be letters, digits, '-' or '_'")
     report = PrepareReport(out_dir=out, index_path=out / INDEX_NAME)
@@ -246,6 +250,8 @@ def prepare(
             "prefix": prefix,
             "video_samples": writer.notes["videos"],
             "video_crop": list(box) if box is not None else None,
+            # LibriSpeech's text is upper case without punctuation: score it normalised
+            **({"normalizer": "english"} if fmt == "librispeech" else {}),
             "total_samples": report.written,
             "total_seconds": report.total_seconds,
             "skipped": [asdict(s) for s in report.skipped],
