@@ -41,6 +41,7 @@ def prepare(
     min_seconds: float = 0.1,
     max_seconds: float | None = 30.0,
     out_of_range: Literal["keep", "drop"] = "keep",
+    jobs: int = 1,
 ) -> None:
     """Write webdataset shards (16 kHz mono FLAC + JSON, lip video as uint8 .npy) and index.json.
 
@@ -76,6 +77,7 @@ def prepare(
         max_seconds: clips longer than this (Whisper's 30 s window) likewise; ``null``: none.
         out_of_range: ``keep`` such clips (training skips what its encoder cannot read,
             evaluate and transcribe chunk long audio) or ``drop`` them.
+        jobs: worker processes that read and encode (the output is the same for any number).
 
     A killed run leaves the previous output whole; the same command then resumes it.
     """
@@ -101,6 +103,7 @@ def prepare(
             min_seconds=min_seconds,
             max_seconds=max_seconds,
             out_of_range=out_of_range,
+            jobs=jobs,
         )
     except PathOutsideRootError as exn:
         raise SystemExit(f"mmalign prepare: {exn}") from exn

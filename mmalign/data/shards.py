@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from mmalign.data.corpus import (
@@ -144,6 +145,7 @@ def prepare(
     min_seconds: float = 0.1,
     max_seconds: float | None = 30.0,
     out_of_range: str = "keep",
+    jobs: int = 1,
 ) -> PrepareReport:
     """Write ``source`` (JSONL manifest, audio+``.txt`` folder, CoVoST 2 TSV or MuST-C folder)
     as webdataset shards.
@@ -195,6 +197,8 @@ def prepare(
             f"prepare: need 0 <= min_seconds < max_seconds, got min_seconds={min_seconds!r}, "
             f"max_seconds={max_seconds!r}"
         )
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"prepare: jobs must be an int >= 1, got {jobs!r}")
     box = _check_crop(crop)
     fmt = resolve_format(source, format)
     corpus_options = {"split": split, "source_lang": source_lang, "target_lang": target_lang}
@@ -233,9 +237,9 @@ def prepare(
         notes={"skipped": [], "out_of_range": [], "videos": 0},
     )
     report.resumed_shards = writer.resumed
-    limits = (min_seconds, max_seconds, out_of_range)
+    cfg = _Settings(sample_rate, box, video_fps, min_seconds, max_seconds, out_of_range)
     if not writer.complete:
-        _write_items(keyed, writer, sample_rate, box, video_fps, limits, progress)
+        _write_items(keyed, writer, cfg, progress, jobs)
         writer.finish(len(keyed))
     report.skipped += [SkippedItem(**d) for d in writer.notes["skipped"]]
     report.out_of_range = [SkippedItem(**d) for d in writer.notes["out_of_range"]]
@@ -287,59 +291,117 @@ def _fingerprint(keyed: list[tuple[Item, str]], options: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What turning one item into a sample needs (picklable, for worker processes)."""
+
+    sample_rate: int
+    box: Box | None
+    video_fps: float
+    min_seconds: float
+    max_seconds: float | None
+    policy: str
+
+
+def _make_sample(job: tuple[Item, str, _Settings]) -> tuple[str, Any, float]:
+    """``("sample", sample, seconds)``, ``("skip", reason, 0)`` or, for a clip kept outside the
+    length limits, ``("kept", (sample, reason), seconds)`` for one item: read, check, encode."""
+    item, key, cfg = job
+    try:
+        wave, text = read_item(item, cfg.sample_rate)
+        video = None if item.video is None else read_item_video(item, cfg.box, cfg.video_fps)
+    except SkipItem as why:
+        return "skip", str(why), 0.0
+    duration = wave.numel() / cfg.sample_rate
+    outside = None
+    if duration < cfg.min_seconds or (cfg.max_seconds is not None and duration > cfg.max_seconds):
+        short = duration < cfg.min_seconds
+        limit = f"min_seconds={cfg.min_seconds}" if short else f"max_seconds={cfg.max_seconds}"
+        outside = f"{item.audio} ({key}) lasts {duration:.2f} s, outside {limit}"
+        if cfg.policy == "drop":
+            return "skip", outside, 0.0
+    meta = {
+        **item.extra,
+        "text": text,
+        "duration": round(duration, 6),
+        "sample_rate": cfg.sample_rate,
+        "source": str(item.audio),
+    }
+    if item.offset is not None:
+        meta["offset"] = item.offset
+    members: dict[str, bytes] = {"flac": encode_flac(wave, cfg.sample_rate)}
+    if video is not None:
+        frames, fps = video
+        meta.update(video_fps=fps, video_frames=int(frames.shape[0]), video_source=str(item.video))
+        members["npy"] = encode_npy(frames)
+    sample = {"__key__": key, **members, "json": json.dumps(meta, ensure_ascii=False).encode()}
+    return ("kept", (sample, outside), duration) if outside else ("sample", sample, duration)
+
+
+def _one_thread() -> None:
+    """Each worker decodes and resamples on one thread: N workers x torch's default thread
+    count would oversubscribe the cores."""
+    torch.set_num_threads(1)
+
+
+def _make_samples(jobs: list[tuple[Item, str, _Settings]]) -> list[tuple[str, Any, float]]:
+    return [_make_sample(job) for job in jobs]
+
+
+def _bounded_map(pool: Any, work: Iterator[Any], workers: int, chunk: int = 32) -> Iterator[Any]:
+    """``map(_make_sample, work)`` in order on ``pool``, ``chunk`` items per task (one item is
+    too little work to ship to a process) and a few tasks per worker in flight, so encoded
+    samples never pile up in memory ahead of the writer."""
+    from collections import deque
+    from itertools import islice
+
+    pending: deque[Any] = deque()
+    while batch := list(islice(work, chunk)):
+        pending.append(pool.submit(_make_samples, batch))
+        if len(pending) >= 4 * workers:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
 def _write_items(
     keyed: list[tuple[Item, str]],
     writer: ShardWriter,
-    sample_rate: int,
-    box: Box | None,
-    video_fps: float,
-    limits: tuple[float, float | None, str],
+    cfg: _Settings,
     progress: bool,
+    jobs: int = 1,
 ) -> None:
-    """Read, check and write every item from ``writer.next_item`` on."""
-    min_seconds, max_seconds, policy = limits
+    """Read, check and write every item from ``writer.next_item`` on; with ``jobs`` > 1, worker
+    processes read and encode while this one writes, in corpus order (the same shards)."""
     notes = writer.notes
     start = writer.next_item
-    bar = tqdm(total=len(keyed), initial=start, disable=not progress, desc="prepare")
-    for pos in range(start, len(keyed)):
-        item, key = keyed[pos]
-        bar.update(1)
-        try:
-            wave, text = read_item(item, sample_rate)
-            video = None if item.video is None else read_item_video(item, box, video_fps)
-        except SkipItem as why:
-            notes["skipped"].append(asdict(skip_item(item.source, item.line, str(why))))
-            continue
-        duration = wave.numel() / sample_rate
-        if duration < min_seconds or (max_seconds is not None and duration > max_seconds):
-            limit = (
-                f"min_seconds={min_seconds}"
-                if duration < min_seconds
-                else (f"max_seconds={max_seconds}")
-            )
-            why = f"{item.audio} ({key}) lasts {duration:.2f} s, outside {limit}"
-            if policy == "drop":
-                notes["skipped"].append(asdict(skip_item(item.source, item.line, why)))
+    work = ((item, key, cfg) for item, key in keyed[start:])
+    bar = tqdm(total=len(keyed), initial=start, disable=not progress, desc="prepare", unit="item")
+    pool = None
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+        )
+        results = _bounded_map(pool, work, jobs)
+    else:
+        results = map(_make_sample, work)
+    try:
+        for pos, (kind, value, seconds) in enumerate(results, start=start):
+            item = keyed[pos][0]
+            bar.update(1)
+            if kind == "skip":
+                notes["skipped"].append(asdict(skip_item(item.source, item.line, value)))
                 continue
-            log.warning("prepare: keeping %s:%s: %s", item.source, item.line, why)
-            notes["out_of_range"].append(asdict(SkippedItem(item.source, item.line, why)))
-        meta = {
-            **item.extra,
-            "text": text,
-            "duration": round(duration, 6),
-            "sample_rate": sample_rate,
-            "source": str(item.audio),
-        }
-        if item.offset is not None:
-            meta["offset"] = item.offset
-        members: dict[str, bytes] = {"flac": encode_flac(wave, sample_rate)}
-        if video is not None:
-            frames, fps = video
-            meta.update(
-                video_fps=fps, video_frames=int(frames.shape[0]), video_source=str(item.video)
-            )
-            members["npy"] = encode_npy(frames)
-            notes["videos"] += 1
-        sample = {"__key__": key, **members, "json": json.dumps(meta, ensure_ascii=False).encode()}
-        writer.write(sample, duration, pos + 1)
-    bar.close()
+            if kind == "kept":
+                value, why = value
+                log.warning("prepare: keeping %s:%s: %s", item.source, item.line, why)
+                notes["out_of_range"].append(asdict(SkippedItem(item.source, item.line, why)))
+            notes["videos"] += "npy" in value
+            writer.write(value, seconds, pos + 1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)

@@ -192,3 +192,14 @@ def test_evaluation_data_reports_each_sample_a_truncated_shard_lost(tmp_path):
     samples, skipped = read_shard_samples(shards)
     assert len(samples) == 8
     assert len(skipped) == 4 and all("lost in damaged shard" in s for s in skipped)
+
+
+def test_parallel_prepare_writes_the_same_shards_and_resumes(tmp_path):
+    new = noisy_corpus(tmp_path / "new", 40)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    main(["prepare", str(new), str(serial), "--shard_max_count", "4"])
+    args = [str(new), str(parallel), "--shard_max_count", "4", "--jobs", "2"]
+    kill_after_first_shard(args, parallel / ".shard.partial")
+    main(["prepare", *args])
+    assert shard_bytes(parallel) == shard_bytes(serial)
+    assert read_index(parallel)["shards"] == read_index(serial)["shards"]
