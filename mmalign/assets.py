@@ -9,6 +9,7 @@ so big files are hashed once yet any change to a file makes it hashed again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -190,9 +191,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
     url = urlsplit(getproxies().get("https") or constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    return _accepts(url.hostname or "", url.port or (443 if url.scheme == "https" else 80), timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _accepts(host: str, port: int, timeout: float) -> bool:
+    """Probed once per process and address: the start-up checks ask for every model source,
+    twice."""
     try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError:
         return False
     return True

@@ -13,6 +13,7 @@ rest as lost, exactly (see :mod:`mmalign.data.reading`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +99,12 @@ def read_index(path: str | Path) -> dict[str, Any]:
     return index
 
 
+def sample_key(name: str) -> str:
+    """webdataset's sample key of a member name: up to the first dot of its base name."""
+    base = name.rsplit("/", 1)[-1]
+    return name[: len(name) - len(base)] + base.split(".", 1)[0]
+
+
 def tar_samples_count(path: str | Path) -> tuple[int, bool]:
     """``(samples, intact)`` of a tar shard from its headers alone (seeks over the data): samples
     are distinct webdataset keys whose members all arrived; ``intact`` is false for a shard cut
@@ -111,8 +118,7 @@ def tar_samples_count(path: str | Path) -> tuple[int, bool]:
                 if info.offset_data + info.size > size:
                     intact = False
                     break
-                base = info.name.rsplit("/", 1)[-1]
-                key = info.name[: len(info.name) - len(base)] + base.split(".", 1)[0]
+                key = sample_key(info.name)
                 if not keys or keys[-1] != key:
                     keys.append(key)
                 tar.members = []
@@ -121,9 +127,27 @@ def tar_samples_count(path: str | Path) -> tuple[int, bool]:
     return len(keys), intact
 
 
-def check_shards(index_path: Path) -> dict[str, int]:
+@functools.cache
+def _samples_on_disk(path: str, size: int, mtime_ns: int, want: int, recorded: int) -> int:
+    """The complete samples of a shard whose size disagrees with its index (or that has none),
+    counted once per process and file state, however often its folder is resolved; a shard
+    holding fewer than ``want`` is logged as truncated, once."""
+    found, intact = tar_samples_count(path)
+    if found < want or (found == want and not intact):
+        log.warning(
+            "shard %s is truncated (%d of %d bytes): %d of its %d samples are lost",
+            path,
+            size,
+            recorded or size,
+            want - found,
+            want,
+        )
+    return found
+
+
+def check_shards(index_path: Path) -> tuple[dict[str, int], dict[str, Any]]:
     """Each listed shard's URL and the samples it should hold, after checking the folder against
-    its index (module doc); a truncated shard is logged with the number of samples it lost."""
+    its index (module doc), and the index itself."""
     index = read_index(index_path)
     shards = index["shards"]
     folder = index_path.parent
@@ -157,20 +181,12 @@ def check_shards(index_path: Path) -> dict[str, int]:
                 f"{path}: {size} bytes but {index_path} lists {recorded}: not the shard the "
                 "index describes; rerun prepare"
             )
-        found, intact = tar_samples_count(path)  # truncated, or an index without sizes
+        # truncated, or an index without sizes
+        found = _samples_on_disk(str(path), size, path.stat().st_mtime_ns, want, recorded)
         if found > want:
             raise IndexMismatchError(
                 f"{path}: holds {found} samples but {index_path} lists {want}: the index "
                 "undercounts it; rerun prepare"
             )
-        if found < want or not intact:
-            log.warning(
-                "shard %s is truncated (%d of %d bytes): %d of its %d samples are lost",
-                path,
-                size,
-                recorded or size,
-                want - found,
-                want,
-            )
         expected[str(path)] = want
-    return expected
+    return expected, index

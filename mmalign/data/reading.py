@@ -22,6 +22,7 @@ from webdataset.tariterators import group_by_keys, url_opener
 from webdataset.utils import pytorch_worker_info
 
 from mmalign.data.decoding import decode_sample
+from mmalign.data.index import sample_key
 from mmalign.data.shardset import resolve_shards
 from mmalign.data.skips import SampleError
 
@@ -52,12 +53,6 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.SubsequentHeaderError(f"{where}: {exn or 'file ends'}") from exn
 
 
-def _sample_key(name: str) -> str:
-    """webdataset's sample key of a member name: up to the first dot of its base name."""
-    base = name.rsplit("/", 1)[-1]
-    return name[: len(name) - len(base)] + base.split(".", 1)[0]
-
-
 def _tar_files(
     sources: Iterable[dict[str, Any]],
     handler: Any,
@@ -81,8 +76,8 @@ def _tar_files(
                     name = info.name
                     if info.isreg() and not re.match(r"__[^/]*__($|/)", name):  # metadata
                         data = tar.extractfile(info).read()
-                        if _sample_key(name) != last:
-                            keys, last = keys + 1, _sample_key(name)
+                        if (key := sample_key(name)) != last:
+                            keys, last = keys + 1, key
                         yield {"fname": name, "data": data, "__url__": url}
                     tar.members = []
         except Exception as exn:

@@ -33,8 +33,8 @@ def _is_remote(spec: str) -> bool:
 
 
 def _from_index(index_path: Path) -> ShardSet:
-    expected = check_shards(index_path)
-    shards = read_index(index_path)["shards"]
+    expected, index = check_shards(index_path)
+    shards = index["shards"]
     return ShardSet(
         str(index_path),
         list(expected),

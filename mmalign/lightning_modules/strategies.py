@@ -37,10 +37,7 @@ from mmalign.lightning_modules.fsdp_units import (
     checkpoint_layers,
     encoder_layer_classes,
     llm_layer_classes,
-    no_split_classes,
 )
-
-__all__ = ["LLMFSDPStrategy", "encoder_layer_classes", "llm_layer_classes", "no_split_classes"]
 
 SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 META = "meta.pt"  # a sharded checkpoint's non-tensor part (Lightning's name for it)

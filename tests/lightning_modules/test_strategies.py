@@ -26,12 +26,12 @@ from conftest import (
     write_tone_corpus,
 )
 
-from mmalign.lightning_modules.strategies import (
-    LLMFSDPStrategy,
+from mmalign.lightning_modules.fsdp_units import (
     encoder_layer_classes,
     llm_layer_classes,
     no_split_classes,
 )
+from mmalign.lightning_modules.strategies import LLMFSDPStrategy
 
 REPO = Path(__file__).resolve().parents[2]
 RATE, HIDDEN, LORA_R = 2, 16, 4

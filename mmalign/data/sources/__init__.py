@@ -10,8 +10,10 @@ read at all (a missing header column, parallel files of different lengths) raise
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,3 +53,31 @@ class Imported:
             for entry in self.entries:
                 fh.write(json.dumps(entry.record, ensure_ascii=False) + "\n")
         return path
+
+
+def read_tsv(
+    tsv: Path, required: Sequence[str], result: Imported, name: str
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the usable rows ``(line, column -> value)`` of a tab-separated corpus file
+    (no quoting: sentences hold quotes). A missing or incomplete header raises naming the file;
+    rows with the wrong number of columns or invalid UTF-8 are skipped into ``result``."""
+    rows = []
+    with open(tsv, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{name}: {tsv} is empty (expected a header {' '.join(required)})")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{name}: {tsv}:1: header lacks {missing}; found {header}")
+        for row in reader:
+            line = reader.line_num
+            if not row or row == [""]:
+                continue
+            if len(row) != len(header):
+                result.skip(tsv, line, f"expected {len(header)} columns, got {len(row)}")
+            elif any("\ufffd" in value for value in row):
+                result.skip(tsv, line, "invalid UTF-8")
+            else:
+                rows.append((line, dict(zip(header, row, strict=True))))
+    return header, rows

@@ -8,10 +8,9 @@ columns, an empty path or sentence, or invalid UTF-8 are skipped with their file
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from mmalign.data.sources import Entry, Imported
+from mmalign.data.sources import Entry, Imported, read_tsv
 
 REQUIRED = ("client_id", "path", "sentence")
 KEPT = ("up_votes", "down_votes", "age", "gender", "accents", "locale", "variant")
@@ -31,40 +30,25 @@ def read_common_voice(folder: str | Path, *, split: str | None = None) -> Import
     if not tsv.is_file():
         raise ValueError(f"common_voice: no {tsv.name} in {folder}; splits here: {tsvs}")
     result = Imported()
-    with open(tsv, encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None) or []
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise ValueError(f"common_voice: {tsv}:1: header lacks {missing}; found {header}")
-        column = {name: i for i, name in enumerate(header)}
-        for row in reader:
-            line = reader.line_num
-            if not row or row == [""]:
-                continue
-            if len(row) != len(header):
-                result.skip(tsv, line, f"expected {len(header)} columns, got {len(row)}")
-                continue
-            if any("\ufffd" in value for value in row):
-                result.skip(tsv, line, "invalid UTF-8")
-                continue
-            path, sentence = row[column["path"]].strip(), row[column["sentence"]].strip()
-            if not path:
-                result.skip(tsv, line, "empty 'path'")
-                continue
-            if not sentence:
-                result.skip(tsv, line, "empty 'sentence'")
-                continue
-            record = {
-                "audio": str(folder / "clips" / path),
-                "text": sentence,
-                "key": Path(path).stem,
-                "speaker": row[column["client_id"]],
-            }
-            for name in KEPT:
-                if name in column and row[column[name]] != "":
-                    value = row[column[name]]
-                    votes = name.endswith("votes") and value.isdigit()
-                    record[name] = int(value) if votes else value
-            result.entries.append(Entry(record, str(tsv), line))
+    _, rows = read_tsv(tsv, REQUIRED, result, "common_voice")
+    for line, row in rows:
+        path, sentence = row["path"].strip(), row["sentence"].strip()
+        if not path:
+            result.skip(tsv, line, "empty 'path'")
+            continue
+        if not sentence:
+            result.skip(tsv, line, "empty 'sentence'")
+            continue
+        record = {
+            "audio": str(folder / "clips" / path),
+            "text": sentence,
+            "key": Path(path).stem,
+            "speaker": row["client_id"],
+        }
+        for name in KEPT:
+            if row.get(name):
+                value = row[name]
+                votes = name.endswith("votes") and value.isdigit()
+                record[name] = int(value) if votes else value
+        result.entries.append(Entry(record, str(tsv), line))
     return result

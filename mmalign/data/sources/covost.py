@@ -13,11 +13,10 @@ empty text or translation, or invalid UTF-8 are skipped with their file and line
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
-from mmalign.data.sources import Entry, Imported
+from mmalign.data.sources import Entry, Imported, read_tsv
 
 COLUMNS = ("path", "sentence", "translation", "client_id")
 # covost_v2.en_de.dev.tsv, covost_v2.zh-CN_en.train.tsv, covost_v2.fr_en.tsv
@@ -59,48 +58,31 @@ def read_covost(
         )
     clip_dir = Path(clips).expanduser() if clips is not None else tsv.parent / "clips"
     result = Imported()
-    with open(tsv, encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"covost: {tsv} is empty (expected a header {' '.join(COLUMNS)})")
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"covost: {tsv}:1: header lacks {missing}; found {header}")
-        has_split = "split" in header
-        if split is not None and not has_split and info and info[2] not in (None, split):
-            raise ValueError(f"covost: {tsv} holds split {info[2]!r}, not {split!r}")
-        column = {name: header.index(name) for name in (*COLUMNS, "split") if name in header}
-        for row in reader:
-            line = reader.line_num
-            if not row or row == [""]:
-                continue
-            if len(row) != len(header):
-                result.skip(tsv, line, f"expected {len(header)} columns, got {len(row)}")
-                continue
-            if any("\ufffd" in value for value in row):
-                result.skip(tsv, line, "invalid UTF-8")
-                continue
-            if split is not None and has_split and row[column["split"]] != split:
-                continue
-            path, sentence, translation, client = (row[column[c]].strip() for c in COLUMNS)
-            if not path:
-                result.skip(tsv, line, "empty 'path'")
-                continue
-            if not sentence:
-                result.skip(tsv, line, "empty 'sentence'")
-                continue
-            if not translation:
-                result.skip(tsv, line, "empty 'translation'")
-                continue
-            record = {
-                "audio": str(clip_dir / path),
-                "text": sentence,
-                "translation": {tgt: translation},
-                "source_lang": src,
-                "target_lang": tgt,
-                "key": Path(path).stem,
-                "speaker": client,
-            }
-            result.entries.append(Entry(record, str(tsv), line))
+    header, rows = read_tsv(tsv, COLUMNS, result, "covost")
+    has_split = "split" in header
+    if split is not None and not has_split and info and info[2] not in (None, split):
+        raise ValueError(f"covost: {tsv} holds split {info[2]!r}, not {split!r}")
+    for line, row in rows:
+        if split is not None and has_split and row["split"] != split:
+            continue
+        path, sentence, translation, client = (row[c].strip() for c in COLUMNS)
+        if not path:
+            result.skip(tsv, line, "empty 'path'")
+            continue
+        if not sentence:
+            result.skip(tsv, line, "empty 'sentence'")
+            continue
+        if not translation:
+            result.skip(tsv, line, "empty 'translation'")
+            continue
+        record = {
+            "audio": str(clip_dir / path),
+            "text": sentence,
+            "translation": {tgt: translation},
+            "source_lang": src,
+            "target_lang": tgt,
+            "key": Path(path).stem,
+            "speaker": client,
+        }
+        result.entries.append(Entry(record, str(tsv), line))
     return result
