@@ -58,6 +58,15 @@ ARMS: dict[str, dict[str, Any]] = {
         "model.ctc_shrink": True,
         "model.ctc_embed": True,
     },
+    # a long CTC stage (its steps run no LLM and cost a fifth of an LLM step), then the LLM
+    # reads posterior-weighted token embeddings; each stage has its own LR schedule
+    "ctc_long_embed": {
+        **PLAIN,
+        "model.ctc_only_steps": 2100,
+        "model.ctc_weight": 0.5,
+        "model.ctc_shrink": True,
+        "model.ctc_embed": True,
+    },
     "warmup": {**PLAIN, "model.projector_warmup_steps": 100},
     "pissa": {**PLAIN, "model.llm.init_args.adapter.init_args.init_lora_weights": "pissa"},
     "default": {},

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, SequentialLR
 
 from mmalign.encoders.base import Encoder
 from mmalign.eval.metrics import error_rates
@@ -102,7 +102,8 @@ class AlignmentModule(TrainingStep, OptimizerStep, Evaluation, TrainableWeights,
             loss alone, without running the LLM (Soundwave's alignment stage; each step costs
             the encoder and projector only); then the LLM loss (plus ``ctc_weight`` x CTC).
             The adapter has no gradient in those steps: under DDP set the strategy's
-            ``find_unused_parameters: true``.
+            ``find_unused_parameters: true``. Each stage gets the whole ``scheduler`` (built
+            once per stage over its own steps), so LoRA starts at the peak rate after warm-up.
         projector_warmup_steps: the first this many steps update the projector only (the
             adapter's gradients are dropped), so LoRA starts on inputs that already carry speech.
         ctc_shrink: the LLM reads only the audio frames at which the CTC head emits a token
@@ -281,7 +282,14 @@ class AlignmentModule(TrainingStep, OptimizerStep, Evaluation, TrainableWeights,
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, total)
+        stage = self.ctc_only_steps
+        if 0 < stage < total:
+            # each stage gets the whole schedule (warm-up, decay): one schedule over both would
+            # start LoRA, which learns only in the LLM stage, at an already decayed rate
+            stages = [self.scheduler_factory(optimizer, n) for n in (stage, total - stage)]
+            scheduler = SequentialLR(optimizer, stages, milestones=[stage])
+        else:
+            scheduler = self.scheduler_factory(optimizer, total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -11,6 +11,7 @@ from conftest import make_tiny_parts, tiny_batch, write_config
 from torch.utils.data import DataLoader
 
 from mmalign.lightning_modules.alignment import AlignmentModule
+from mmalign.lightning_modules.schedules import WarmupCosine
 from mmalign.projectors.mlp import MLPProjector
 
 pytestmark = pytest.mark.filterwarnings(
@@ -121,6 +122,23 @@ def test_schedule_resumes_exactly(tmp_path, tokenizer_dir, tone_shards):
     assert any("model.ctc." in k for k in straight) and straight.keys() == resumed.keys()
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_each_stage_gets_the_whole_lr_schedule(tokenizer_dir):
+    """LoRA learns only after the CTC stage, so the schedule restarts there, warm-up and all;
+    one schedule over both stages would start LoRA at an already decayed rate."""
+    m = module(
+        tokenizer_dir, ctc_only_steps=2, scheduler=functools.partial(WarmupCosine, warmup_steps=1)
+    )
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *_):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(m, 5, callbacks=[Record()])
+    # stage 1 (2 steps): warm-up, peak; stage 2 (3 steps): warm-up, peak, half-way down
+    assert seen == pytest.approx([f * 1e-2 for f in (0.5, 1.0, 0.5, 1.0, 0.5)])
 
 
 def test_bad_schedule_fails_at_construction(tokenizer_dir):
