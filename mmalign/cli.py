@@ -42,6 +42,8 @@ def prepare(
     max_seconds: float | None = 30.0,
     out_of_range: Literal["keep", "drop"] = "keep",
     jobs: int = 1,
+    text_column: str | None = None,
+    crops: str | None = None,
 ) -> None:
     """Write webdataset shards (16 kHz mono FLAC + JSON, lip video as uint8 .npy) and index.json.
 
@@ -60,12 +62,16 @@ def prepare(
             already mouth regions).
         format: ``auto`` (``.tsv`` is CoVoST, a folder with ``data/*/txt/*.yaml`` MuST-C, one
             with ``clips/`` and TSVs Common Voice, one with ``speaker/chapter/*.trans.txt``
-            LibriSpeech, another folder audio+.txt, another file a manifest), ``manifest``,
-            ``folder``, ``covost``, ``mustc``, ``librispeech`` or ``common_voice``.
+            LibriSpeech, ``pretrain``/``trainval``/``test`` of ``speaker/id.mp4`` LRS3, a
+            ``save_to_disk`` folder or parquet files (or a glob) a Hugging Face dataset,
+            ``*cuts*.jsonl[.gz]`` or recordings + supervisions lhotse, another folder
+            audio+.txt, another file a manifest), ``manifest``, ``folder``, ``covost``,
+            ``mustc``, ``librispeech``, ``common_voice``, ``hf``, ``lhotse`` or ``lrs3``.
         split: MuST-C split to read (``train``, ``dev``, ``tst-COMMON`` ...; needed when there
             are several), the rows of a combined CoVoST TSV, the Common Voice TSV (``train``,
             ``dev``, ``test`` ...) or LibriSpeech split folders under the root, comma-separated
-            (``train-clean-100,train-clean-360,train-other-500``).
+            (``train-clean-100,train-clean-360,train-other-500``), the Hugging Face split, the
+            lhotse manifests whose names hold it, or the LRS3 folders (``pretrain,trainval``).
         source_lang: source language when the CoVoST file or MuST-C folder name does not say.
         target_lang: target language, likewise.
         clips: folder of a CoVoST TSV's Common Voice clips (default ``<tsv folder>/clips``).
@@ -78,6 +84,12 @@ def prepare(
         out_of_range: ``keep`` such clips (training skips what its encoder cannot read,
             evaluate and transcribe chunk long audio) or ``drop`` them.
         jobs: worker processes that read and encode (the output is the same for any number).
+        text_column: the Hugging Face dataset's text column (default: the first of ``text``,
+            ``sentence``, ``transcription``).
+        crops: LRS3 mouth crops: a folder of mouth-ROI mp4s mirroring the corpus (as
+            auto-avsr's preprocessing writes them), ``detect`` (MTCNN landmarks, needs
+            facenet-pytorch) or ``none`` (audio only). ``pretrain`` utterances longer than
+            ``max_seconds`` are split at word boundaries.
 
     A killed run leaves the previous output whole; the same command then resumes it.
     """
@@ -104,6 +116,8 @@ def prepare(
             max_seconds=max_seconds,
             out_of_range=out_of_range,
             jobs=jobs,
+            text_column=text_column,
+            crops=crops,
         )
     except PathOutsideRootError as exn:
         raise SystemExit(f"mmalign prepare: {exn}") from exn

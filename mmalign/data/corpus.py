@@ -28,9 +28,12 @@ from elsewhere must not make ``prepare`` copy arbitrary files into shards.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +42,32 @@ import numpy as np
 import torch
 
 from mmalign.data.index import SkippedItem
-from mmalign.data.media import SegmentError, load_audio, manifest_path, not_a_file
+from mmalign.data.media import SegmentError, load_audio, manifest_path, not_a_file, to_mono_rate
 from mmalign.data.video import Box, decode_video
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif", ".au")
-FORMATS = ("auto", "manifest", "folder", "covost", "mustc", "librispeech", "common_voice")
-FOLDER_FORMATS = ("folder", "mustc", "librispeech", "common_voice")
+FORMATS = (
+    "auto",
+    "manifest",
+    "folder",
+    "covost",
+    "mustc",
+    "librispeech",
+    "common_voice",
+    "hf",
+    "lhotse",
+    "lrs3",
+)
+FOLDER_FORMATS = ("folder", "mustc", "librispeech", "common_voice", "lrs3")
+
+AudioReader = Callable[[], tuple[Any, int]]
+"""Picklable callable giving ``(samples [channels, n] or [n], rate)`` for audio that is no
+file of its own (a row of a Hugging Face dataset); it raises to have the item skipped."""
+VideoReader = Callable[[], tuple[np.ndarray, float, dict[str, Any]]]
+"""Picklable callable giving ``(uint8 T x H x W frames, fps, fields for the sample JSON)`` for
+video that needs more than decoding (mouth crops cut by a landmark detector)."""
 
 
 @dataclass
@@ -63,6 +84,8 @@ class Item:
     video_fps: float | None = None
     offset: float | None = None
     duration: float | None = None
+    audio_reader: AudioReader | None = None
+    video_reader: VideoReader | None = None
 
 
 class SkipItem(Exception):
@@ -199,7 +222,11 @@ def read_item(item: Item, sample_rate: int) -> tuple[torch.Tensor, str]:
     if problem:
         raise SkipItem(f"audio {problem}: {item.audio}")
     try:
-        wave = load_audio(item.audio, sample_rate, offset=item.offset, duration=item.duration)
+        if item.audio_reader is not None:
+            samples, rate = item.audio_reader()
+            wave = to_mono_rate(torch.as_tensor(samples), rate, sample_rate)
+        else:
+            wave = load_audio(item.audio, sample_rate, offset=item.offset, duration=item.duration)
     except SegmentError as exn:
         raise SkipItem(str(exn)) from exn
     except Exception as exn:  # soundfile raises several types for bad files
@@ -211,35 +238,54 @@ def read_item(item: Item, sample_rate: int) -> tuple[torch.Tensor, str]:
     return wave, " ".join(item.text.split())
 
 
-def read_item_video(item: Item, crop: Box | None, default_fps: float) -> tuple[np.ndarray, float]:
-    """uint8 ``T x H x W`` frames of the item's video (gray, cropped) and its frame rate."""
+def read_item_video(
+    item: Item, crop: Box | None, default_fps: float
+) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """uint8 ``T x H x W`` frames of the item's video (gray, cropped), its frame rate and the
+    fields its reader adds to the sample JSON (a detector's crop boxes)."""
     path = item.video
     assert path is not None
     problem = not_a_file(path)
     if problem:
         raise SkipItem(f"video {problem}: {path}")
+    if item.video_reader is not None:
+        try:
+            return item.video_reader()
+        except (OSError, ValueError) as exn:
+            raise SkipItem(f"video {path}: {exn}") from exn
     try:
         frames, found_fps = decode_video(path.read_bytes(), path.suffix, box=crop)
     except (OSError, ValueError) as exn:
         raise SkipItem(f"unreadable video {path}: {exn}") from exn
     fps = item.video_fps or found_fps or default_fps
-    return frames.numpy(), float(fps)
+    return frames.numpy(), float(fps), {}
 
 
 def resolve_format(source: Path, fmt: str) -> str:
-    """The concrete format of ``source`` (``auto`` guessed from its suffix or layout)."""
+    """The concrete format of ``source`` (``auto`` guessed from its suffix or layout; a glob
+    such as ``data/train-*.parquet`` is a Hugging Face dataset)."""
     if fmt not in FORMATS:
         raise ValueError(f"prepare: format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "auto":
+        from mmalign.data.sources.hf import is_hf
+        from mmalign.data.sources.lhotse import is_lhotse
+
+        if is_hf(source):
+            return "hf"
+        if is_lhotse(source):
+            return "lhotse"
         if source.is_dir():
             from mmalign.data.sources.common_voice import is_common_voice
             from mmalign.data.sources.librispeech import is_librispeech
+            from mmalign.data.sources.lrs3 import is_lrs3
             from mmalign.data.sources.mustc import is_mustc
 
             if is_mustc(source):
                 return "mustc"
             if is_common_voice(source):
                 return "common_voice"
+            if is_lrs3(source):
+                return "lrs3"
             return "librispeech" if is_librispeech(source) else "folder"
         return "covost" if source.suffix.lower() == ".tsv" else "manifest"
     if fmt in FOLDER_FORMATS and not source.is_dir():
@@ -247,6 +293,32 @@ def resolve_format(source: Path, fmt: str) -> str:
     if fmt in ("manifest", "covost") and source.is_dir():
         raise ValueError(f"prepare: format {fmt!r} needs a file, {source} is a folder")
     return fmt
+
+
+_LANGS = ("split", "source_lang", "target_lang")
+TAKES = {
+    "covost": _LANGS,
+    "mustc": _LANGS,
+    "librispeech": ("split",),
+    "common_voice": ("split",),
+    "hf": ("split", "text_column"),
+    "lhotse": ("split",),
+    "lrs3": ("split", "crops"),
+}
+"""The corpus options (``prepare``'s keywords) that each format reads."""
+
+
+def check_corpus_options(fmt: str, options: dict[str, Any]) -> None:
+    """Refuse options the format would ignore, naming the formats they apply to."""
+    given = sorted(name for name, value in options.items() if value is not None)
+    if set(given) - set(TAKES.get(fmt, ())):
+        fits = " and ".join(f for f, t in TAKES.items() if set(given) <= set(t)) or "no format"
+        raise ValueError(f"prepare: {given} only apply to {fits}, not format {fmt!r}")
+
+
+def source_exists(source: Path) -> bool:
+    """Whether ``source`` is a file or folder, or a glob matching some."""
+    return source.exists() or (glob.has_magic(str(source)) and bool(glob.glob(str(source))))
 
 
 def corpus_items(
@@ -259,10 +331,14 @@ def corpus_items(
     target_lang: str | None,
     clips: str | Path | None,
     root: str | Path | None = None,
+    text_column: str | None = None,
+    crops: str | None = None,
+    max_seconds: float | None = None,
 ) -> list[Item]:
-    """Items of a CoVoST TSV or MuST-C folder, through :mod:`mmalign.data.sources`; skip reasons
-    keep pointing at the corpus files (TSV or YAML line). Audio must lie inside ``root``
-    (default: the CoVoST clips folder, the MuST-C folder)."""
+    """Items of a corpus layout, through :mod:`mmalign.data.sources`; skip reasons keep pointing
+    at the corpus files (TSV or YAML line, dataset row). Audio must lie inside ``root``
+    (default: the CoVoST clips folder, the corpus folder, a manifest file's folder).
+    ``max_seconds`` is where LRS3 ``pretrain`` utterances are split at word boundaries."""
     langs = {"source_lang": source_lang, "target_lang": target_lang}
     if fmt == "covost":
         from mmalign.data.sources.covost import read_covost
@@ -276,17 +352,35 @@ def corpus_items(
         from mmalign.data.sources.common_voice import read_common_voice
 
         imported = read_common_voice(source, split=split)
+    elif fmt == "hf":
+        from mmalign.data.sources.hf import read_hf
+
+        imported = read_hf(source, split=split, text_column=text_column)
+    elif fmt == "lhotse":
+        from mmalign.data.sources.lhotse import read_lhotse
+
+        imported = read_lhotse(source, split=split)
+    elif fmt == "lrs3":
+        from mmalign.data.sources.lrs3 import read_lrs3
+
+        imported = read_lrs3(source, split=split, crops=crops, max_seconds=max_seconds)
     else:
         from mmalign.data.sources.mustc import read_mustc
 
         imported = read_mustc(source, split=split, **langs)
     skipped.extend(imported.skipped)
+    folder = source if source.is_dir() else source.parent
+    while glob.has_magic(str(folder)):  # a glob's folder: its first part without wildcards
+        folder = folder.parent
     if root is None:
-        root = covost_clips(source, clips) if fmt == "covost" else source
+        root = covost_clips(source, clips) if fmt == "covost" else folder
+        if fmt == "lrs3" and crops not in (None, "detect", "none"):  # a crops folder named
+            root = os.path.commonpath([folder.absolute(), Path(crops).expanduser().absolute()])
     items = []
     for entry in imported.entries:
-        item = object_item(entry.record, source.parent, entry.source, entry.line, skipped, root)
+        item = object_item(entry.record, folder, entry.source, entry.line, skipped, root)
         if item is not None:
+            item.audio_reader, item.video_reader = entry.audio_reader, entry.video_reader
             items.append(item)
     return items
 

@@ -96,24 +96,42 @@ def load_audio(
     offset: float | None = None,
     duration: float | None = None,
 ) -> torch.Tensor:
-    """Read any soundfile-readable file as a float32 mono waveform at ``sample_rate``.
+    """Read an audio file (or a video's audio track) as a float32 mono waveform at ``sample_rate``.
 
     ``offset``/``duration`` (seconds) read only that segment, without decoding the rest of a
     long recording; :class:`SegmentError` when it starts past the end or ends more than
-    ``SEGMENT_SLACK_S`` after it (a little overshoot is cut at the end of the file).
+    ``SEGMENT_SLACK_S`` after it (a little overshoot is cut at the end of the file). Formats
+    libsndfile does not know (MP4/M4A, WebM ...) are decoded whole with torchcodec and cut by the
+    same sample arithmetic, so a segment is exact either way.
     """
+    try:
+        info = sf.info(str(path))
+    except sf.LibsndfileError:
+        data, rate = _decode_torchcodec(path)
+        start, frames = _segment_frames(path, rate, data.shape[1], offset, duration)
+        return to_mono_rate(data[:, start : start + frames], rate, sample_rate)
+    start, frames = _segment_frames(path, info.samplerate, info.frames, offset, duration)
     if offset is None and duration is None:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    else:
-        start, frames = _segment_frames(path, offset or 0.0, duration)
-        data, rate = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+        frames = -1  # to the end as decoded (an MP3 header's frame count is an estimate)
+    data, rate = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     return to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
 
 
-def _segment_frames(path: str | Path, offset: float, duration: float | None) -> tuple[int, int]:
+def _decode_torchcodec(path: str | Path) -> tuple[torch.Tensor, int]:
+    """``[channels, samples]`` float32 and the rate of a container's first audio stream."""
+    from torchcodec.decoders import AudioDecoder
+
+    samples = AudioDecoder(str(path)).get_all_samples()
+    return samples.data, int(samples.sample_rate)
+
+
+def _segment_frames(
+    path: str | Path, rate: int, total: int, offset: float | None, duration: float | None
+) -> tuple[int, int]:
     """``(start, frames)`` in the file's own sample rate of a segment given in seconds."""
-    info = sf.info(str(path))
-    rate, total = info.samplerate, info.frames
+    if offset is None and duration is None:
+        return 0, total
+    offset = offset or 0.0
     start = round(offset * rate)
     frames = total - start if duration is None else round(duration * rate)
     end = start + frames

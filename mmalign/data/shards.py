@@ -2,8 +2,8 @@
 
 Training reads shards sequentially (fast on any file system, splittable across nodes and
 workers), so ``mmalign prepare`` converts a corpus once: every sample becomes a 16 kHz mono FLAC
-plus a JSON record. The source (a JSONL manifest, a folder of audio with transcripts, a CoVoST 2
-TSV or a MuST-C folder) is read into items by :mod:`mmalign.data.corpus`.
+plus a JSON record. The source (a JSONL manifest, a folder of audio with transcripts, or a
+corpus layout of :mod:`mmalign.data.sources`) is read into items by :mod:`mmalign.data.corpus`.
 
 Shard layout (one tar member per field, grouped by ``__key__``)::
 
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from mmalign.data.corpus import (
     Item,
     SkipItem,
+    check_corpus_options,
     corpus_items,
     folder_items,
     is_zero,
@@ -55,6 +56,7 @@ from mmalign.data.corpus import (
     read_item_video,
     resolve_format,
     skip_item,
+    source_exists,
 )
 from mmalign.data.encoding import encode_flac, encode_npy, sanitize_key
 from mmalign.data.index import INDEX_NAME, ShardInfo, SkippedItem
@@ -146,6 +148,8 @@ def prepare(
     max_seconds: float | None = 30.0,
     out_of_range: str = "keep",
     jobs: int = 1,
+    text_column: str | None = None,
+    crops: str | None = None,
 ) -> PrepareReport:
     """Write ``source`` (JSONL manifest, audio+``.txt`` folder, CoVoST 2 TSV or MuST-C folder)
     as webdataset shards.
@@ -169,7 +173,13 @@ def prepare(
     recognises each layout, and picks ``covost`` for ``.tsv`` files, ``mustc`` for folders with
     ``data/*/txt/*.yaml``, ``folder`` for other folders and ``manifest`` for other files.
     ``split`` chooses the MuST-C split (or the rows of a combined CoVoST TSV), ``source_lang``
-    and ``target_lang`` the languages when the file or folder name does not tell them.
+    and ``target_lang`` the languages when the file or folder name does not tell them. ``hf``
+    (a ``save_to_disk`` folder or parquet files, auto-detected; ``text_column`` names the text),
+    ``lhotse`` (a CutSet or recordings + supervisions, JSONL or gz) and ``lrs3`` (LRS3/LRS2
+    ``pretrain``/``trainval``/``test`` folders; ``crops`` says where the mouth crops come from,
+    and ``pretrain`` utterances longer than ``max_seconds`` are split at word boundaries) are
+    read by :mod:`mmalign.data.sources.hf`, :mod:`~mmalign.data.sources.lhotse` and
+    :mod:`~mmalign.data.sources.lrs3`.
 
     Clips shorter than ``min_seconds`` or longer than ``max_seconds`` (Whisper's 30 s window;
     None: no upper limit) are kept and listed (``out_of_range="keep"``: training skips and counts
@@ -184,7 +194,7 @@ def prepare(
     """
     source = Path(source).expanduser()
     out = Path(out_dir).expanduser()
-    if not source.exists():
+    if not source_exists(source):
         raise FileNotFoundError(f"prepare: source {source} does not exist")
     if not positive_number(video_fps):
         raise ValueError(f"prepare: video_fps must be a positive number, got {video_fps!r}")
@@ -202,13 +212,10 @@ def prepare(
     box = _check_crop(crop)
     fmt = resolve_format(source, format)
     corpus_options = {"split": split, "source_lang": source_lang, "target_lang": target_lang}
+    corpus_options.update(text_column=text_column, crops=crops)
     if fmt != "covost" and clips is not None:
         raise ValueError(f"prepare: clips only applies to CoVoST TSVs, not format {fmt!r}")
-    given = sorted(name for name, value in corpus_options.items() if value is not None)
-    takes = {"covost": given, "mustc": given, "librispeech": ["split"], "common_voice": ["split"]}
-    if set(given) - set(takes.get(fmt, [])):
-        fits = " and ".join(f for f, t in takes.items() if set(given) <= set(t))
-        raise ValueError(f"prepare: {given} only apply to {fits}, not format {fmt!r}")
+    check_corpus_options(fmt, corpus_options)
     if prefix != sanitize_key(prefix):
         raise ValueError(f"prepare: prefix {prefix!r} must be letters, digits, '-' or '_'")
     report = PrepareReport(out_dir=out, index_path=out / INDEX_NAME)
@@ -218,7 +225,8 @@ def prepare(
     elif fmt == "manifest":
         items = manifest_items(source, report.skipped, root)
     else:
-        items = corpus_items(source, fmt, report.skipped, clips=clips, root=root, **corpus_options)
+        where = {"clips": clips, "root": root, "max_seconds": max_seconds}
+        items = corpus_items(source, fmt, report.skipped, **where, **corpus_options)
     keyed = list(_unique_keys(items))
     options = {
         "sample_rate": sample_rate,
@@ -254,8 +262,8 @@ def prepare(
             "prefix": prefix,
             "video_samples": writer.notes["videos"],
             "video_crop": list(box) if box is not None else None,
-            # LibriSpeech's text is upper case without punctuation: score it normalised
-            **({"normalizer": "english"} if fmt == "librispeech" else {}),
+            # LibriSpeech's and LRS3's text is upper case without punctuation: score normalised
+            **({"normalizer": "english"} if fmt in ("librispeech", "lrs3") else {}),
             "total_samples": report.written,
             "total_seconds": report.total_seconds,
             "skipped": [asdict(s) for s in report.skipped],
@@ -331,8 +339,9 @@ def _make_sample(job: tuple[Item, str, _Settings]) -> tuple[str, Any, float]:
         meta["offset"] = item.offset
     members: dict[str, bytes] = {"flac": encode_flac(wave, cfg.sample_rate)}
     if video is not None:
-        frames, fps = video
+        frames, fps, fields = video
         meta.update(video_fps=fps, video_frames=int(frames.shape[0]), video_source=str(item.video))
+        meta.update(fields)
         members["npy"] = encode_npy(frames)
     sample = {"__key__": key, **members, "json": json.dumps(meta, ensure_ascii=False).encode()}
     return ("kept", (sample, outside), duration) if outside else ("sample", sample, duration)

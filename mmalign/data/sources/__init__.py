@@ -1,4 +1,5 @@
-"""Importers: public corpus layouts (CoVoST 2, MuST-C) as manifest entries for ``prepare``.
+"""Importers: corpus layouts (LibriSpeech, Common Voice, CoVoST 2, MuST-C, LRS3, Hugging Face
+datasets, lhotse) as manifest entries for ``prepare``.
 
 Each importer returns an :class:`Imported`: one :class:`Entry` per usable row (a manifest line as
 :func:`mmalign.data.shards.prepare` reads it, plus the corpus file and line it came from, so that
@@ -25,11 +26,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Entry:
-    """One manifest line (``audio`` as an absolute path, ``text``, other fields) and its origin."""
+    """One manifest line (``audio`` as an absolute path, ``text``, other fields) and its origin;
+    ``audio_reader``/``video_reader`` read media that is no plain file or needs a detector
+    (:data:`mmalign.data.corpus.AudioReader`, :data:`~mmalign.data.corpus.VideoReader`)."""
 
     record: dict[str, Any]
     source: str
     line: int | None
+    audio_reader: Any = None
+    video_reader: Any = None
 
 
 @dataclass
