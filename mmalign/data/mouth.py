@@ -7,8 +7,8 @@ on this torch; see ``requirements-nodeps.in``) and imported only when crops are 
 
 Per frame the crop is a square centred on the midpoint of the mouth corners, its side one and a
 half times the mean of the eye distance and the mouth width (nose tip to chin, the mouth about
-two thirds of the width, as in auto-avsr's 96 px mouth ROIs), taken from the most probable
-face. Centres and sides are smoothed over :data:`WINDOW` frames (auto-avsr smooths its
+two thirds of the width, as in auto-avsr's 96 px mouth ROIs), taken from the largest face
+(MTCNN's pick). Centres and sides are smoothed over :data:`WINDOW` frames (auto-avsr smooths its
 landmarks over 12), so the crop does not jitter with the detector. A frame where no face is
 found keeps its place (audio and video stay aligned): its box is interpolated from the nearest
 frames with a face, and the sample counts it (``no_face_frames``). A clip with no face in any
@@ -34,8 +34,8 @@ WINDOW = 12
 _BATCH = 16  # frames per detector call
 
 
-@lru_cache(maxsize=1)
-def _detector() -> Any:
+def detector_class() -> Any:
+    """facenet-pytorch's MTCNN, or an ImportError saying how to install it."""
     try:
         from facenet_pytorch import MTCNN
     except ImportError as exn:
@@ -43,7 +43,12 @@ def _detector() -> Any:
             "mouth crops (--crops detect) need facenet-pytorch: "
             "pip install --no-deps facenet-pytorch==2.6.0 (see requirements-nodeps.in)"
         ) from exn
-    return MTCNN(device="cpu")
+    return MTCNN
+
+
+@lru_cache(maxsize=1)
+def _detector() -> Any:
+    return detector_class()(device="cpu")
 
 
 def mouth_boxes(frames: torch.Tensor) -> tuple[np.ndarray, int]:

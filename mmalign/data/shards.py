@@ -295,6 +295,7 @@ def _fingerprint(keyed: list[tuple[Item, str]], options: dict[str, Any]) -> str:
     for item, key in keyed:
         row = [key, str(item.audio), stat(item.audio), str(item.video), stat(item.video)]
         row += [item.text, item.extra, item.offset, item.duration, item.video_fps]
+        row += [repr(item.audio_reader), repr(item.video_reader)]
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

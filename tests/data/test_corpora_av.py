@@ -143,3 +143,11 @@ def test_lrs3_mouth_crops_from_landmarks(tmp_path):
     (skipped,) = read_index(out)["skipped"]
     assert skipped["source"].endswith("00002.txt")
     assert skipped["reason"].endswith("no face in any of its 6 frames")
+
+
+def test_lrs3_detect_without_facenet_names_the_install(tmp_path, monkeypatch):
+    (tmp_path / "test/spk").mkdir(parents=True)
+    (tmp_path / "test/spk/00001.txt").write_text("Text:  HELLO\n")
+    monkeypatch.setitem(__import__("sys").modules, "facenet_pytorch", None)
+    with pytest.raises(SystemExit, match="pip install --no-deps facenet-pytorch==2.6.0"):
+        main(["prepare", str(tmp_path / "test"), str(tmp_path / "x"), "--crops", "detect"])

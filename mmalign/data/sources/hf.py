@@ -8,11 +8,11 @@ glob such as ``data/train-*.parquet``; ``split`` keeps the files whose name star
 
 Each row becomes ``{"audio" (its arrow/parquet file), "text" (``text_column``, default the
 first of ``text``, ``sentence``, ``transcription``), "key" (its ``id`` column, else
-``<file stem>_<row>``), "row", and every other scalar column}``. The audio is decoded when the
-sample is written, by the datasets library's own ``Audio`` feature (torchcodec underneath),
-at the file's own rate; ``prepare`` resamples it. A row whose audio does not decode, or whose
-text is empty, is skipped with its file and row (``line`` is the row's index in that file, as
-``Dataset.from_file(file)[row]`` takes it).
+``<file stem>_<row>``), "row", and every other number, flag or string column}``. The audio is
+decoded when the sample is written, by the datasets library's own ``Audio`` feature (torchcodec
+underneath), at the file's own rate; ``prepare`` resamples it. A row whose audio does not
+decode, or whose text is empty, is skipped with its file and row (``line`` is the row's index in
+that file, as ``Dataset.from_file(file)[row]`` takes it).
 
 ``datasets`` is an optional extra (``pip install 'mmalign[hf]'``), imported only here.
 """
@@ -33,6 +33,7 @@ TEXT_COLUMNS = ("text", "sentence", "transcription")
 # manifest fields that mean something to prepare: a dataset column of that name is kept as hf_<name>
 RESERVED = ("audio", "video", "video_fps", "offset", "duration", "sample_rate", "source", "row")
 SPLITS = ("train", "validation", "dev", "test")
+SCALARS = ("int", "uint", "float", "bool", "string", "large_string")
 
 
 def _datasets() -> Any:
@@ -145,7 +146,11 @@ def read_hf(
         wanted = repr(text_column) if text_column else f"any of {list(TEXT_COLUMNS)}"
         raise ValueError(f"hf: {files[0]}: no text column {wanted} among {columns}")
     value = _datasets().Value
-    kept = [c for c, f in features.items() if isinstance(f, value) and c not in (audio, text)]
+    kept = [
+        c  # numbers, flags and strings (JSON can hold them; bytes and timestamps it cannot)
+        for c, f in features.items()
+        if isinstance(f, value) and f.dtype.startswith(SCALARS) and c not in (audio, text)
+    ]
     result = Imported()
     for path in files:
         for row, fields in enumerate(_rows(path, kind, [text, *kept])):

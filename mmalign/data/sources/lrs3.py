@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmalign.data.mouth import MouthCrops
+from mmalign.data.mouth import MouthCrops, detector_class
 from mmalign.data.sources import Entry, Imported
 from mmalign.data.video import DEFAULT_VIDEO_FPS
 
@@ -117,6 +117,8 @@ def read_lrs3(
             "lrs3: pass --crops: a folder of mouth-ROI mp4s (as auto-avsr writes them), "
             "'detect' (face landmarks) or 'none' (audio only)"
         )
+    if crops == "detect":
+        detector_class()  # a missing detector fails here, before anything is read
     roi = None if crops in ("detect", "none") else Path(crops).expanduser()
     if roi is not None and not roi.is_dir():
         raise ValueError(f"lrs3: --crops {crops}: no such folder (or pass 'detect' or 'none')")
