@@ -91,6 +91,26 @@ def test_parquet_glob_and_text_column(tmp_path):
         main(["prepare", glob, str(tmp_path / "x"), "--text_column", "words"])
 
 
+def test_killed_hf_prepare_resumes_to_identical_shards(tmp_path, capsys):
+    from data.test_no_data_lost import kill_after_first_shard, shard_bytes
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for n in range(60):  # seeded noise: FLAC barely compresses it, so writing takes a while
+        buf = io.BytesIO()
+        sf.write(buf, rng.uniform(-0.5, 0.5, 32000).astype("float32"), 16000, format="WAV")
+        rows.append((buf.getvalue(), f"clip {n}", "s", 2.0))
+    hf_dataset(rows).save_to_disk(str(tmp_path / "ds"))
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    args = [str(tmp_path / "ds"), str(out), "--shard_max_count", "6"]
+    kill_after_first_shard(args, out / ".shard.partial")
+    capsys.readouterr()
+    main(["prepare", *args])
+    assert "resumed after" in capsys.readouterr().out  # the rows' readers fingerprint alike
+    main(["prepare", str(tmp_path / "ds"), str(reference), "--shard_max_count", "6"])
+    assert shard_bytes(out) == shard_bytes(reference) and len(shard_bytes(out)) == 10
+
+
 def test_hf_without_datasets_names_the_extra(tmp_path, monkeypatch):
     hf_dataset(ROWS[:1]).to_parquet(str(tmp_path / "train.parquet"))
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
