@@ -56,6 +56,23 @@ def test_batched_greedy_equals_one_by_one(tiny_parts):
     assert all(len(model.tokenizer(t)["input_ids"]) > 1 for t in together)
 
 
+def test_token_budget_is_each_samples_own(tiny_parts):
+    """A sample that never stops (a random LLM) ends at its own duration's budget, not at the
+    longest batch mate's: its transcript does not depend on who it is decoded with."""
+    model = make_model(tiny_parts, loud=30.0).eval()
+    b = batch(2)
+    b["durations"] = [0.5, 2.0]  # budgets of 2 x seconds + 16: 17 and 20 tokens
+    together = model.generate(b, tokens_per_second=2.0)
+    alone = []
+    for i in range(2):
+        one = {k: v[i : i + 1] for k, v in b.items()}
+        one["audio_features"] = one["audio_features"][..., : int(b["audio_lengths"][i])]
+        alone += model.generate(one, tokens_per_second=2.0)
+    assert together == alone
+    lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in alone]
+    assert lengths[0] < lengths[1]  # the budgets bit: neither sample stopped by itself
+
+
 def first_step_logits(model: SpeechLLM, batch: dict) -> torch.Tensor:
     """Logits of the first generated token per sample, as generate() computes them."""
     from mmalign.llm.prompt import splice

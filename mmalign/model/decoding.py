@@ -9,9 +9,23 @@ import math
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mmalign.llm.prompt import splice
 from mmalign.model.inputs import Encoded
+
+
+class RowBudget(StoppingCriteria):
+    """Ends each row at its own token budget. With one budget for the batch (its longest
+    clip's), a sample that loops would run on for as long as its longest batch mate allows, so
+    its transcript, and the WER, would depend on its batch mates."""
+
+    def __init__(self, budgets: list[int]) -> None:
+        self.budgets = torch.tensor(budgets)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        # generate() from inputs_embeds holds only the new tokens in input_ids
+        return (input_ids.shape[1] >= self.budgets).to(input_ids.device)
 
 
 class Decoding:
@@ -42,12 +56,18 @@ class Decoding:
 
         Decodes at the projector's active rate; ``encoded`` (from :meth:`encode`) skips the
         encoder when one batch is decoded at several rates. With ``task_adapters`` each adapter
-        group is decoded with its own adapters; the texts come back in batch order.
+        group is decoded with its own adapters; the texts come back in batch order. Without
+        ``max_new_tokens``, each sample (greedy) gets its own budget of ``tokens_per_second``
+        per second of its ``durations`` plus 16, whatever its batch mates' lengths.
         """
+        limits = None  # with durations and greedy search: each sample's own token budget
         if max_new_tokens is None:
             durations = batch.get("durations")
-            longest = float(max(durations)) if durations is not None else 30.0
-            max_new_tokens = int(math.ceil(longest * tokens_per_second)) + 16
+            seconds = [float(d) for d in durations] if durations is not None else [30.0]
+            budgets = [int(math.ceil(d * tokens_per_second)) + 16 for d in seconds]
+            max_new_tokens = max(budgets)
+            if durations is not None and num_beams == 1:
+                limits = budgets
         heads, tails = self._segments(batch)
         spans = self._spans(batch, encoded)
         tok = self.tokenizer
@@ -59,6 +79,11 @@ class Decoding:
             head, tail = [heads[i] for i in idx], [tails[i] for i in idx]
             s = splice(self.llm.embed, head, [spans[i] for i in idx], tail, padding_side="left")
             self._scale_adapters(head, tail)
+            kwargs = dict(generate_kwargs)
+            if limits is not None and kwargs.get("num_return_sequences", 1) == 1:
+                stop = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+                stop.append(RowBudget([limits[i] for i in idx]))
+                kwargs["stopping_criteria"] = stop
             try:
                 out = self.llm.model.generate(
                     inputs_embeds=s.inputs_embeds,
@@ -67,7 +92,7 @@ class Decoding:
                     num_beams=num_beams,
                     eos_token_id=self.prompt.stop_ids,
                     pad_token_id=tok.pad_token_id,
-                    **generate_kwargs,
+                    **kwargs,
                 )
             finally:
                 self._delta_scale.clear()
