@@ -181,6 +181,29 @@ def ctc_hypotheses(model: Any, samples: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def word_coverage(corpus: Path) -> dict[str, dict[str, float]]:
+    """Per held-out split, the share of its words (after the English normaliser) that the
+    training transcripts never hold, or hold fewer than 3 times: words a model cannot have
+    learnt to spell from this corpus, a floor under any arm's WER."""
+    from collections import Counter
+
+    from mmalign.eval.metrics import normalize
+
+    def words(split: str) -> list[str]:
+        lines = (corpus / "corpus" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        return [w for t in normalize([json.loads(x)["text"] for x in lines]) for w in t.split()]
+
+    seen = Counter(words("train"))
+    out = {}
+    for split in SPLITS:
+        held = words(split)
+        out[split] = {
+            "unseen": round(100 * sum(seen[w] == 0 for w in held) / len(held), 1),
+            "under_3": round(100 * sum(seen[w] < 3 for w in held) / len(held), 1),
+        }
+    return out
+
+
 def reached(rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
     """Steps and training minutes at which ``split`` WER first falls to each target."""
     out = {}
@@ -219,6 +242,12 @@ def table(result: dict[str, Any]) -> str:
             f"{last['wer']['test']:.1f} | {last['wer']['test_synth']:.1f} | "
             f"{last['train_minutes']:.1f} |"
         )
+    if "coverage" in result:
+        cov = ", ".join(
+            f"{k} {v['unseen']}% unseen, {v['under_3']}% seen under 3 times"
+            for k, v in result["coverage"].items()
+        )
+        lines += ["", f"Held-out words never or rarely in the training transcripts: {cov}."]
     lines += ["", "Test WER (%) at each checkpoint:", ""]
     steps = sorted({r["step"] for a in result["arms"].values() for r in a["rows"]})
     lines.append("| arm | " + " | ".join(str(s) for s in steps) + " |")
@@ -286,6 +315,7 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=ROOT).stdout.strip()  # fmt: skip
         result["settings"] = settings
+        result["coverage"] = word_coverage(args.corpus)
         result["arms"][name] = {
             "overrides": ARMS[name],
             "rows": rows,
