@@ -102,6 +102,15 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str], str]] = [
         "![WER against steps](../bench/results/convergence.png)",
     ),
     (
+        "convergence_long",
+        "Alignment convergence: a long CTC stage, then the LLM",
+        _bench_table("convergence"),
+        "The same corpus, model and scoring as above with a longer budget: CTC steps (no LLM) "
+        "cost about a fifth of an LLM step, so the alignment stage gets most of the steps; each "
+        "stage has its own learning-rate schedule. ![WER against steps]"
+        "(../bench/results/convergence_long.png)",
+    ),
+    (
         "train_throughput",
         "Training throughput: mmalign's defaults vs Llama-AVSR's settings",
         _bench_table("train_throughput"),
