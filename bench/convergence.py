@@ -8,7 +8,8 @@ off so the clock measures training only; ``TrainClock`` stores the training seco
 checkpoint). Then each checkpoint (every ``--every`` steps) decodes the first
 ``--eval-n`` utterances of val (held-out sentences, training voices: choose settings here),
 test (held-out sentences and voices) and test_synth (a synthesiser never heard), greedy, scored
-after Whisper's English normaliser. Rows: WER per split at each checkpoint, the steps and CPU
+after Whisper's English normaliser (a checkpoint inside an arm's CTC stage scores its CTC head
+only: its LoRA is untrained). Rows: WER per split at each checkpoint, the steps and CPU
 minutes at which test WER first reaches 50/30/15%, and the final WER. An arm's rows are merged
 into the JSON when it finishes, so arms can run in separate sessions; ``--print`` re-renders.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -127,8 +129,16 @@ def train_seconds(ckpt: dict[str, Any]) -> float:
     return float(clock["seconds"])
 
 
+def ctc_stage(name: str) -> int:
+    """The arm's ``ctc_only_steps``: until then LoRA is untrained and the LLM is not scored."""
+    shipped = yaml.safe_load(CONFIG.read_text())["model"].get("ctc_only_steps", 0)
+    return int(ARMS[name].get("model.ctc_only_steps", shipped))
+
+
 def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """WER per split at each checkpoint; the model is built once, then reloaded per step."""
+    """WER per split at each checkpoint; the model is built once, then reloaded per step. In the
+    CTC stage only the CTC head is scored: the untrained LLM loops to its token budget, which
+    costs minutes per checkpoint and says nothing."""
     from mmalign.checkpoint_io import load_checkpoint_file
     from mmalign.data.reading import read_shard_samples
     from mmalign.eval.metrics import error_rates
@@ -149,12 +159,13 @@ def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[
         row = {"step": int(ckpt["global_step"]), "train_minutes": train_seconds(ckpt) / 60}
         row["wer"], row["examples"] = {}, {}
         for split, data in samples.items():
-            hyps = decode_samples(model, data, DecodeOptions(batch_size=16))
             refs = [d["text"] for d in data]
-            row["wer"][split] = 100 * error_rates(refs, hyps, "english")["wer"]
-            row["examples"][split] = [
-                {"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3], strict=True)
-            ]
+            if row["step"] > ctc_stage(name):
+                hyps = decode_samples(model, data, DecodeOptions(batch_size=16))
+                row["wer"][split] = 100 * error_rates(refs, hyps, "english")["wer"]
+                row["examples"][split] = [
+                    {"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3], strict=True)
+                ]
             if model.ctc is not None:  # the CTC head alone: what the projector carries
                 ctc = ctc_hypotheses(model, data)
                 row.setdefault("ctc_wer", {})[split] = (
@@ -208,7 +219,7 @@ def reached(rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
     """Steps and training minutes at which ``split`` WER first falls to each target."""
     out = {}
     for target in TARGETS:
-        hit = next((r for r in rows if r["wer"][split] <= target), None)
+        hit = next((r for r in rows if r["wer"].get(split, math.inf) <= target), None)
         out[str(target)] = (
             {"step": hit["step"], "minutes": round(hit["train_minutes"], 1)} if hit else None
         )
@@ -238,9 +249,9 @@ def table(result: dict[str, Any]) -> str:
         overrides = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in arm["overrides"].items())
         lines.append(
             f"| {name} | {overrides or '(config as shipped)'} | {at(reach['50'])} | "
-            f"{at(reach['30'])} | {at(reach['15'])} | {last['wer']['val']:.1f} | "
-            f"{last['wer']['test']:.1f} | {last['wer']['test_synth']:.1f} | "
-            f"{last['train_minutes']:.1f} |"
+            f"{at(reach['30'])} | {at(reach['15'])} | "
+            + " | ".join(f"{last['wer'].get(k, math.nan):.1f}" for k in SPLITS)
+            + f" | {last['train_minutes']:.1f} |"
         )
     if "coverage" in result:
         cov = ", ".join(
@@ -254,7 +265,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append("|---|" + "---|" * len(steps))
     for name, arm in result["arms"].items():
         for label, key in ((name, "wer"), (f"{name}, CTC head alone", "ctc_wer")):
-            by = {r["step"]: r[key]["test"] for r in arm["rows"] if key in r}
+            by = {r["step"]: r[key]["test"] for r in arm["rows"] if "test" in r.get(key, {})}
             if by:
                 cells = " | ".join(f"{by[s]:.1f}" if s in by else "" for s in steps)
                 lines.append(f"| {label} | {cells} |")
@@ -270,7 +281,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, split in zip(axes, ("test", "test_synth"), strict=True):
         for name, arm in result["arms"].items():
-            rows = arm["rows"]
+            rows = [r for r in arm["rows"] if split in r["wer"]]
             ax.plot([r["step"] for r in rows], [r["wer"][split] for r in rows], marker="o",
                     label=name)  # fmt: skip
         for target in TARGETS:

@@ -212,7 +212,11 @@ def test_convergence_arm_config_and_reach(tmp_path):
     shipped = yaml.safe_load(conv.CONFIG.read_text())["model"]
     default = yaml.safe_load(conv.arm_config("default", args).read_text())["model"]
     assert default == shipped  # the "default" arm is the config as shipped
-    rows = [
+    assert conv.ctc_stage("plain") == 0 and conv.ctc_stage("ctc_long_embed") == 2100
+    assert conv.ctc_stage("default") == shipped.get("ctc_only_steps", 0)
+    # a CTC-stage checkpoint: only the CTC head is scored (the untrained LLM is not decoded)
+    rows = [{"step": 5, "train_minutes": 0.5, "wer": {}, "ctc_wer": {"test": 90.0}}]
+    rows += [
         {"step": s, "train_minutes": s / 10, "wer": {"test": w, "val": w, "test_synth": w}}
         for s, w in ((10, 80.0), (20, 45.0), (30, 29.0), (40, 31.0))
     ]
@@ -229,3 +233,6 @@ def test_convergence_arm_config_and_reach(tmp_path):
     }  # fmt: skip
     text = conv.table(result)
     assert "| plain |" in text and "step 30 (3.0 min)" in text and "not reached" in text
+    assert "| plain, CTC head alone | 90.0 |" in text  # the stage's row, LLM cell left empty
+    conv.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
