@@ -150,7 +150,7 @@ def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[
         s: read_shard_samples(args.corpus / "shards" / s, limit=args.eval_n)[0] for s in SPLITS
     }
     model = load_checkpoint(checkpoints[0]).eval()
-    rows = []
+    stage, rows = ctc_stage(name), []
     for path in checkpoints:
         ckpt = load_checkpoint_file(path)
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
@@ -160,7 +160,7 @@ def score(name: str, checkpoints: list[Path], args: argparse.Namespace) -> list[
         row["wer"], row["examples"] = {}, {}
         for split, data in samples.items():
             refs = [d["text"] for d in data]
-            if row["step"] > ctc_stage(name):
+            if row["step"] > stage:
                 hyps = decode_samples(model, data, DecodeOptions(batch_size=16))
                 row["wer"][split] = 100 * error_rates(refs, hyps, "english")["wer"]
                 row["examples"][split] = [

@@ -105,15 +105,18 @@ def load_audio(
     same sample arithmetic, so a segment is exact either way.
     """
     try:
-        info = sf.info(str(path))
+        opened = sf.SoundFile(str(path))  # one open; errors while reading still propagate
     except sf.LibsndfileError:
         data, rate = _decode_torchcodec(path)
         start, frames = _segment_frames(path, rate, data.shape[1], offset, duration)
         return to_mono_rate(data[:, start : start + frames], rate, sample_rate)
-    start, frames = _segment_frames(path, info.samplerate, info.frames, offset, duration)
-    if offset is None and duration is None:
-        frames = -1  # to the end as decoded (an MP3 header's frame count is an estimate)
-    data, rate = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+    with opened:
+        start, frames = _segment_frames(path, opened.samplerate, opened.frames, offset, duration)
+        if offset is None and duration is None:
+            frames = -1  # to the end as decoded (an MP3 header's frame count is an estimate)
+        opened.seek(start)
+        data = opened.read(frames, dtype="float32", always_2d=True)
+        rate = opened.samplerate
     return to_mono_rate(torch.from_numpy(data.T.copy()), rate, sample_rate)
 
 

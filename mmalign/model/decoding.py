@@ -67,7 +67,8 @@ class Decoding:
             budgets = [int(math.ceil(d * tokens_per_second)) + 16 for d in seconds]
             max_new_tokens = max(budgets)
             if durations is not None and num_beams == 1:
-                limits = budgets
+                if generate_kwargs.get("num_return_sequences", 1) == 1:
+                    limits = budgets
         heads, tails = self._segments(batch)
         spans = self._spans(batch, encoded)
         tok = self.tokenizer
@@ -80,7 +81,7 @@ class Decoding:
             s = splice(self.llm.embed, head, [spans[i] for i in idx], tail, padding_side="left")
             self._scale_adapters(head, tail)
             kwargs = dict(generate_kwargs)
-            if limits is not None and kwargs.get("num_return_sequences", 1) == 1:
+            if limits is not None:
                 stop = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
                 stop.append(RowBudget([limits[i] for i in idx]))
                 kwargs["stopping_criteria"] = stop

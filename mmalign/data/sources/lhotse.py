@@ -107,23 +107,23 @@ def read_lhotse(source: str | Path, *, split: str | None = None) -> Imported:
         if item is None:
             result.skip(path, line, "not a JSON object")
         elif kind == "cuts":
-            _add(result, path, line, item.id, getattr(item, "recording", None), item, [item])
+            _add(result, path, line, item.id, getattr(item, "recording", None), item, True)
         else:
             recording = recordings.get(item.recording_id)
             if recording is None:
                 result.skip(path, line, f"{item.id}: no recording {item.recording_id!r}")
                 continue
-            _add(result, path, line, item.id, recording, item, [])
+            _add(result, path, line, item.id, recording, item, False)
     return result
 
 
 def _add(
-    result: Imported, path: Path, line: int, key: str, recording: Any, span: Any, cuts: list
+    result: Imported, path: Path, line: int, key: str, recording: Any, span: Any, is_cut: bool
 ) -> None:
-    """One entry for the ``span`` (a cut or a supervision: ``start``, ``duration``) of
+    """One entry for the ``span`` (a cut, or a supervision: ``start``, ``duration``) of
     ``recording``, or the reason it is skipped."""
     cut_type = type(span).__name__
-    if cuts and cut_type != "MonoCut":
+    if is_cut and cut_type != "MonoCut":
         return result.skip(path, line, f"{key}: a {cut_type}, not a recording slice (MonoCut)")
     if recording is None:
         return result.skip(path, line, f"{key}: no recording")
@@ -133,7 +133,7 @@ def _add(
         return result.skip(path, line, f"{key}: recording sources {types}, not one audio file")
     if recording.transforms:
         return result.skip(path, line, f"{key}: recording transforms are not applied here")
-    supervisions = sorted(cuts[0].supervisions, key=lambda s: s.start) if cuts else [span]
+    supervisions = sorted(span.supervisions, key=lambda s: s.start) if is_cut else [span]
     text = " ".join(s.text.strip() for s in supervisions if s.text and s.text.strip())
     if not text:
         return result.skip(path, line, f"{key}: no supervision text")
